@@ -1,0 +1,54 @@
+"""Single-field validators and converters with attrs' message shape: ``'x' must be >= 0 (got -1).``"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+from eplb.ir.errors import InvalidValueError
+
+
+def non_negative(_inst: object, attr: Any, value: int) -> None:
+    _check_int(attr.name, value)
+    if value < 0:
+        raise InvalidValueError(attr.name, f"must be >= 0 (got {value}).")
+
+
+def positive(_inst: object, attr: Any, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidValueError(attr.name, f"must be a number (got {value!r}).")
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidValueError(attr.name, f"must be finite and > 0 (got {value}).")
+
+
+def positive_int(_inst: object, attr: Any, value: int) -> None:
+    _check_int(attr.name, value)
+    if value <= 0:
+        raise InvalidValueError(attr.name, f"must be > 0 (got {value}).")
+
+
+def optional_positive_int(inst: object, attr: Any, value: int | None) -> None:
+    if value is not None:
+        positive_int(inst, attr, value)
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValueError(name, f"must be an int (got {value!r}).")
+
+
+def int_tuple(values: Iterable[Any]) -> tuple[int, ...]:
+    """Accept any iterable of integers (list, tuple, numpy array) and freeze it."""
+    if isinstance(values, (str, bytes)):
+        raise InvalidValueError("", f"expected a sequence of ints (got {values!r}).")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or isinstance(v, float):
+            raise InvalidValueError("", f"expected a sequence of ints (got element {v!r}).")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise InvalidValueError("", f"expected a sequence of ints (got element {v!r}).") from None
+    return tuple(out)
