@@ -85,7 +85,11 @@ def model_placements(
     num_logical_experts: int | None = None,
     max_layers: int = 4,
 ) -> ModelPlacement:
-    first = draw(placements(num_ranks=num_ranks, slots_per_rank=slots_per_rank, num_logical_experts=num_logical_experts))
+    first = draw(
+        placements(
+            num_ranks=num_ranks, slots_per_rank=slots_per_rank, num_logical_experts=num_logical_experts
+        )
+    )
     n = num_layers if num_layers is not None else draw(st.integers(1, max_layers))
     rest = [
         draw(
@@ -161,9 +165,7 @@ def ops(draw: Draw, *, topology: Topology, num_logical_experts: int, layer: int 
 def migration_plans(draw: Draw) -> MigrationPlan:
     """A structurally valid plan (ops in range); its ops need not reach the target."""
     topo = draw(topologies(max_ranks=8, max_slots_per_rank=6))
-    current, target = draw(
-        placement_pairs(num_ranks=topo.num_ranks, slots_per_rank=topo.slots_per_rank)
-    )
+    current, target = draw(placement_pairs(num_ranks=topo.num_ranks, slots_per_rank=topo.slots_per_rank))
     num_e = current.num_logical_experts
     layers = [
         LayerPlan(

@@ -45,7 +45,7 @@ def int_tuple(values: Iterable[Any]) -> tuple[int, ...]:
         raise InvalidValueError("", f"expected a sequence of ints (got {values!r}).")
     out = []
     for v in values:
-        if isinstance(v, bool) or isinstance(v, float):
+        if isinstance(v, (bool, float)):
             raise InvalidValueError("", f"expected a sequence of ints (got element {v!r}).")
         try:
             out.append(operator.index(v))

@@ -13,7 +13,7 @@ its `Recv` share ``(layer, transfer_id)``.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 import attrs
 
@@ -29,9 +29,7 @@ _LOC_RE = re.compile(r"^([sb])(0|[1-9][0-9]*)$")
 class Loc:
     """A rank-local location: ``Loc('slot', 3)`` is ``s3``, ``Loc('buffer', 0)`` is ``b0``."""
 
-    kind: Literal["slot", "buffer"] = attrs.field(
-        validator=attrs.validators.in_(("slot", "buffer"))
-    )
+    kind: Literal["slot", "buffer"] = attrs.field(validator=attrs.validators.in_(("slot", "buffer")))
     index: int = attrs.field(validator=non_negative)
 
     @classmethod
@@ -143,5 +141,5 @@ class Copy:
         return f"L{self.layer:02d} r{self.rank} copy[e{self.expert} {self.src}->{self.dst}]"
 
 
-Transfer = Union[Send, Recv]
-Op = Union[Send, Recv, Copy]
+Transfer = Send | Recv
+Op = Send | Recv | Copy

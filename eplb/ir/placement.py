@@ -6,7 +6,7 @@ as in vLLM's and SGLang's ``physical_to_logical_map``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -52,15 +52,13 @@ class Placement:
         if num_p % num_r:
             raise InvalidValueError(
                 "physical_to_logical",
-                f"length, num_physical_experts ({num_p}), must be a multiple of num_ranks "
-                f"({num_r}); use {_multiple_hint(num_p, num_r)}.",
+                f"has {num_p} slots (num_physical_experts), which must be a multiple of num_ranks "
+                f"({num_r}); use {_multiple_hint(num_p, num_r)} slots.",
             )
         seen = [False] * num_e
         for p, e in enumerate(p2l):
             if not 0 <= e < num_e:
-                raise InvalidValueError(
-                    f"physical_to_logical[{p}]", f"must be in [0, {num_e}) (got {e})."
-                )
+                raise InvalidValueError(f"physical_to_logical[{p}]", f"must be in [0, {num_e}) (got {e}).")
             seen[e] = True
         if not all(seen):
             missing = [e for e, s in enumerate(seen) if not s]
@@ -137,11 +135,15 @@ class Placement:
         )
 
 
+def _placements(layers: Iterable[Placement]) -> tuple[Placement, ...]:
+    return tuple(layers)
+
+
 @attrs.frozen(kw_only=True, cache_hash=True)
 class ModelPlacement:
     """Placements of every MoE layer; all share expert count, slot count and rank count."""
 
-    layers: tuple[Placement, ...] = attrs.field(converter=tuple)
+    layers: tuple[Placement, ...] = attrs.field(converter=_placements)
 
     def __attrs_post_init__(self) -> None:
         if not self.layers:

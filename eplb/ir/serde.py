@@ -28,7 +28,7 @@ from eplb.ir.schedule import Round, Schedule, ScheduleLimits
 from eplb.ir.topology import Bandwidth, Topology
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["SCHEMA_VERSION", "TYPE_TAGS", "dumps", "loads", "to_dict"]
 
@@ -112,9 +112,7 @@ def _make_converter() -> cattrs.Converter:
                         f"physical_to_logical[{i}][{j}]", f"must be an integer (got {v!r})."
                     )
             try:
-                layers.append(
-                    Placement(num_logical_experts=num_e, num_ranks=num_r, physical_to_logical=row)
-                )
+                layers.append(Placement(num_logical_experts=num_e, num_ranks=num_r, physical_to_logical=row))
             except InvalidValueError as exc:
                 sub = exc.path.removeprefix("physical_to_logical")
                 raise InvalidValueError(
@@ -153,7 +151,7 @@ def _tagged_unstructure(kind: str, base: Callable[[Any], dict[str, Any]]) -> Cal
 
 
 def _tagged_structure(cls: type[T], base: Callable[[Any, type], T]) -> Callable[[Any, type], T]:
-    kind = cast(str, getattr(cls, "kind"))
+    kind: str = cls.kind  # type: ignore[attr-defined]
 
     def hook(value: Any, _: type) -> T:
         obj = dict(_object(value))
@@ -240,7 +238,9 @@ def from_dict(doc: Any, cls: type[T] | None = None) -> T:
     if not attrs.has(target) or target is Loc:
         extra = sorted(set(body) - {"value"})
         if extra or "value" not in body:
-            raise SerdeError([("$", f"must hold exactly the key 'value' besides the header (got {sorted(body)}).")])
+            raise SerdeError(
+                [("$", f"must hold exactly the key 'value' besides the header (got {sorted(body)}).")]
+            )
         payload: Any = body["value"]
     else:
         payload = body

@@ -72,8 +72,7 @@ class Topology:
         if len(self.rank_to_node) != self.num_ranks:
             raise InvalidValueError(
                 "rank_to_node",
-                f"must have one entry per rank, num_ranks ({self.num_ranks}) "
-                f"(got {len(self.rank_to_node)}).",
+                f"must have one entry per rank, num_ranks ({self.num_ranks}) (got {len(self.rank_to_node)}).",
             )
         nodes = sorted(set(self.rank_to_node))
         if nodes != list(range(len(nodes))):
