@@ -18,7 +18,7 @@ from eplb.ir import (
     SerdeError,
     Topology,
 )
-from eplb.ir.serde import dumps, from_dict, loads, to_dict
+from eplb.ir.serde import TYPE_TAGS, dumps, from_dict, loads, to_dict
 from tests.strategies import migration_plans, model_placements, ops, placements, topologies
 
 
@@ -192,6 +192,7 @@ def test_mutated_documents_raise_only_serde_error(plan: MigrationPlan, data: st.
 @given(st.text(max_size=50) | _json.map(json.dumps))
 def test_random_text_raises_only_serde_error(text: str) -> None:
     try:
-        loads(text)
+        value = loads(text)
     except SerdeError:
-        pass
+        return
+    assert type(value) in TYPE_TAGS.values()
