@@ -1,0 +1,99 @@
+"""``eplb rebalance``: recorded load in, a target placement file out, its metrics printed.
+
+eplb rebalance --load load.json --ranks 32 --slots 288 --nodes 4 --groups 8 --out placement.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from eplb.cli._common import CliError, write_atomic
+from eplb.formats import dump_placement, read_load, read_placement
+from eplb.planner.metrics import summarize
+from eplb.planner.policies import available_policies
+from eplb.planner.rebalance import make_topology, rebalance
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "rebalance",
+        help="compute a target placement from recorded expert load",
+        description="Compute a target expert placement from recorded load [layers, experts] and "
+        "print its balancedness (and slots moved when --current is given).",
+    )
+    p.add_argument(
+        "--load",
+        required=True,
+        help="load [layers, experts]: .json, .npy or .pt (a tensor or an SGLang expert-distribution dump)",
+    )
+    p.add_argument("--ranks", type=int, required=True, help="EP ranks (GPUs)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        required=True,
+        help="physical expert slots per layer, all ranks together (a multiple of --ranks)",
+    )
+    p.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (default 1)")
+    p.add_argument(
+        "--groups", type=int, default=1, help="expert groups for group-limited routing (default 1)"
+    )
+    p.add_argument(
+        "--policy",
+        choices=available_policies(),
+        default=None,
+        help="default: balanced, or migration_aware with --current",
+    )
+    p.add_argument("--current", help="placement in force (IR JSON or SGLang JSON): plan few moves from it")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="migration_aware: balancedness points to give up for fewer moves (default 0.01)",
+    )
+    p.add_argument(
+        "--global",
+        dest="hierarchical",
+        action="store_false",
+        default=None,
+        help="balanced/migration_aware: ignore the node hierarchy (better balance)",
+    )
+    p.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert, to print bytes moved")
+    p.add_argument("--format", choices=("ir", "sglang"), default="ir", help="output file format (default ir)")
+    p.add_argument("--out", required=True, help="output placement file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    load = read_load(args.load)
+    topology = make_topology(args.ranks, args.slots, args.nodes)
+    current = None
+    if args.current:
+        current = read_placement(args.current, num_ranks=args.ranks, num_logical_experts=load.shape[1])
+    options: dict[str, Any] = {}
+    policy = args.policy or ("balanced" if current is None else "migration_aware")
+    if args.tolerance is not None:
+        if policy != "migration_aware":
+            raise CliError(
+                f"--tolerance applies to migration_aware, not {policy}; drop it or pass --current."
+            )
+        options["tolerance"] = args.tolerance
+    if args.hierarchical is False:
+        if policy == "deepseek":
+            raise CliError("--global does not apply to deepseek (it decides by --groups % --nodes); drop it.")
+        options["hierarchical"] = False
+    target = rebalance(load, topology, num_groups=args.groups, current=current, policy=policy, **options)
+    write_atomic(args.out, dump_placement(target, args.format))
+    m = summarize(load, target, current=current, expert_bytes=args.expert_bytes)
+    print(f"policy              {policy}")
+    print(
+        f"shape               {load.shape[0]} layers x {load.shape[1]} experts -> {args.slots} slots on "
+        f"{args.ranks} ranks, {args.nodes} node(s), {args.groups} group(s)"
+    )
+    for line in m.lines():
+        print(line)
+    print(f"wrote               {args.out} ({args.format})", file=sys.stdout)
+    return 0

@@ -1,0 +1,178 @@
+"""The cpu_staged executor: device -> pinned host -> gloo -> host -> device.
+
+For clusters without GPU peer access or GPUDirect. Per round on a CUDA rank: every receive is
+posted first (into pinned host rows); the sent experts are copied device-to-host on a side
+stream, and each is sent as soon as its copy is done; each received expert is copied
+host-to-device as soon as it arrives, while later ones are still in flight. One gloo message per
+expert, tagged by its position among the transfers to that peer, so the pairing holds whatever
+order gloo completes them in. CPU weights skip the host copies and are sent from the slots.
+
+The transfers go over a gloo group: the group passed to ``run`` when it is gloo, else one made
+once per group with ``dist.new_group(backend="gloo")`` (a collective: every rank calls ``run``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eplb.executors.base import Executor, RunContext, RunReport, Weights
+from eplb.executors.p2p import global_rank
+from eplb.ir.ops import Recv, Send
+from eplb.ir.schedule import Schedule
+from eplb.ir.topology import Topology, Transport
+
+__all__ = ["CpuStagedExecutor"]
+
+
+class CpuStagedExecutor(Executor):
+    """Host-staged transfers over gloo, overlapping host copies with the network."""
+
+    name = "cpu_staged"
+
+    def __init__(self, config: Executor.Config | None = None) -> None:
+        super().__init__(config)
+        self._host_groups: dict[int, Any] = {}
+
+    @classmethod
+    def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
+        if Transport.HOST not in topology.transports:
+            return "the topology lists no host transport (Transport.HOST)"
+        return None
+
+    def host_group(self, group: Any = None) -> Any:
+        """``group`` if it is a gloo group, else a gloo group over the same ranks (made once)."""
+        if "gloo" in str(dist.get_backend(group)).lower():
+            return group
+        key = id(group)
+        if key not in self._host_groups:
+            ranks = [global_rank(group, r) for r in range(dist.get_world_size(group))]
+            self._host_groups[key] = dist.new_group(ranks=ranks, backend="gloo")
+        return self._host_groups[key]
+
+    def run(
+        self,
+        schedule: Schedule,
+        weights: Weights,
+        group: Any = None,
+        *,
+        rank: int | None = None,
+        verified: bool = False,
+    ) -> RunReport:
+        if dist.is_available() and dist.is_initialized():
+            group = self.host_group(group)
+        return super().run(schedule, weights, group, rank=rank, verified=verified)
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        if ctx.device.type != "cuda":
+            return
+        me = ctx.rank
+        sends = recvs = 0
+        for rnd in ctx.schedule.rounds:
+            kinds = Counter(type(op) for op in rnd.transfers if op.rank == me)
+            sends, recvs = max(sends, kinds[Send]), max(recvs, kinds[Recv])
+        eb = ctx.expert_bytes
+        ctx.state["host_send"] = torch.empty((sends, eb), dtype=torch.uint8, pin_memory=True)
+        ctx.state["host_recv"] = torch.empty((recvs, eb), dtype=torch.uint8, pin_memory=True)
+        ctx.state["stream"] = torch.cuda.Stream(device=ctx.device)  # type: ignore[no-untyped-call]
+        ctx.host_buffer_bytes = (sends + recvs) * eb
+
+    def begin_transfers(self, ctx: RunContext) -> None:
+        ctx.state["sends"] = []
+        ctx.state["recvs"] = []
+
+    def send(self, op: Send, ctx: RunContext) -> None:
+        ctx.state["sends"].append(op)
+        ctx.bytes_sent += ctx.expert_bytes
+
+    def recv(self, op: Recv, ctx: RunContext) -> None:
+        ctx.state["recvs"].append(op)
+        ctx.bytes_received += ctx.expert_bytes
+
+    def post_transfers(self, ctx: RunContext) -> None:
+        sends: list[Send] = ctx.state.pop("sends", [])
+        recvs: list[Recv] = ctx.state.pop("recvs", [])
+        if not sends and not recvs:
+            return
+        if ctx.device.type == "cuda":
+            self._post_cuda(ctx, sends, recvs)
+        else:
+            self._post_host(ctx, sends, recvs)
+
+    def _tags(self, ops: list[Send] | list[Recv]) -> list[int]:
+        """Position of each op among this rank's transfers with the same peer, in listed order."""
+        seen: Counter[int] = Counter()
+        tags = []
+        for op in ops:
+            tags.append(seen[op.peer])
+            seen[op.peer] += 1
+        return tags
+
+    def _post_host(self, ctx: RunContext, sends: list[Send], recvs: list[Recv]) -> None:
+        k_count = ctx.num_tensors
+        works = []
+        for op, tag in zip(recvs, self._tags(recvs), strict=True):
+            peer = global_rank(ctx.group, op.src_rank)
+            for k, t in enumerate(ctx.tensors(op.rank, op.layer, op.dst)):
+                works.append(dist.irecv(t, peer, ctx.group, tag * k_count + k))
+        for sop, tag in zip(sends, self._tags(sends), strict=True):
+            peer = global_rank(ctx.group, sop.dst_rank)
+            for k, t in enumerate(ctx.tensors(sop.rank, sop.layer, sop.src)):
+                works.append(dist.isend(t, peer, ctx.group, tag * k_count + k))
+        timeout = self.timeout()
+        for work in works:
+            assert work is not None
+            work.wait(timeout)
+
+    def _post_cuda(self, ctx: RunContext, sends: list[Send], recvs: list[Recv]) -> None:
+        host_send: torch.Tensor = ctx.state["host_send"]
+        host_recv: torch.Tensor = ctx.state["host_recv"]
+        stream: torch.cuda.Stream = ctx.state["stream"]
+        timeout = self.timeout()
+        # Receives first, so peers' sends find them posted.
+        recv_works = []
+        for j, (op, tag) in enumerate(zip(recvs, self._tags(recvs), strict=True)):
+            recv_works.append(dist.irecv(host_recv[j], global_rank(ctx.group, op.src_rank), ctx.group, tag))
+        # Device -> host on a side stream, after whatever the compute stream wrote.
+        stream.wait_stream(torch.cuda.current_stream(ctx.device))
+        events = []
+        with torch.cuda.stream(stream):
+            for j, sop in enumerate(sends):
+                _pack(host_send[j], ctx.tensors(sop.rank, sop.layer, sop.src))
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(stream)
+                events.append(event)
+        send_works = []
+        for j, (sop, tag) in enumerate(zip(sends, self._tags(sends), strict=True)):
+            events[j].synchronize()  # send each expert as soon as its copy is done
+            send_works.append(dist.isend(host_send[j], global_rank(ctx.group, sop.dst_rank), ctx.group, tag))
+        for j, op in enumerate(recvs):
+            work = recv_works[j]
+            assert work is not None
+            work.wait(timeout)
+            _unpack(host_recv[j], ctx.tensors(op.rank, op.layer, op.dst))
+        for work in send_works:
+            assert work is not None
+            work.wait(timeout)
+        # The host rows are reused next round: the host-to-device copies must be done.
+        torch.cuda.current_stream(ctx.device).synchronize()
+
+
+def _pack(row: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        flat = t.reshape(-1).view(torch.uint8)
+        row[offset : offset + flat.numel()].copy_(flat, non_blocking=True)
+        offset += flat.numel()
+
+
+def _unpack(row: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        flat = t.reshape(-1).view(torch.uint8)
+        flat.copy_(row[offset : offset + flat.numel()], non_blocking=True)
+        offset += flat.numel()

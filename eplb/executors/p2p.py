@@ -1,0 +1,125 @@
+"""The p2p executor: one ``batch_isend_irecv`` group per round (NCCL on GPUs; gloo works too).
+
+Each Send / Recv becomes one P2P call per weight tensor, posted in the order the schedule lists
+them, so the calls to one peer match on both sides. A round with ``n`` transfers on a rank posts
+``n * num_tensors`` calls: schedule with ``max_ops_per_group`` set with that factor in mind
+(NCCL splits larger groups into launches that can disagree across ranks, pytorch#174288).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eplb.executors.base import Executor, RunContext
+from eplb.ir.ops import Recv, Send
+from eplb.ir.schedule import Schedule
+from eplb.ir.topology import Topology, Transport
+
+__all__ = ["P2PExecutor", "global_rank", "peers_of"]
+
+
+def global_rank(group: Any, rank: int) -> int:
+    """The global rank of ``rank`` of ``group`` (what P2P calls take)."""
+    if group is None or group is dist.GroupMember.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)
+
+
+def peers_of(schedule_or_topology: Schedule | Topology, rank: int) -> list[int]:
+    """Ranks that ``rank`` exchanges with: in the schedule, or every other rank of a topology."""
+    if isinstance(schedule_or_topology, Topology):
+        return [r for r in range(schedule_or_topology.num_ranks) if r != rank]
+    peers = {op.peer for rnd in schedule_or_topology.rounds for op in rnd.transfers if op.rank == rank}
+    return sorted(peers)
+
+
+class P2PExecutor(Executor):
+    """NCCL (or gloo) ``batch_isend_irecv``, one group per round, staging pool reused by all rounds."""
+
+    name = "p2p"
+
+    @classmethod
+    def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
+        if device_type != "cuda":
+            return f"it runs NCCL on CUDA devices; the weights are on {device_type!r} (use cpu_staged)"
+        if topology.num_nodes == 1 and Transport.P2P not in topology.transports:
+            return "the topology has no GPU peer access (Transport.P2P) inside its node"
+        if topology.num_nodes > 1 and Transport.GPUDIRECT not in topology.transports:
+            return (
+                f"its {topology.num_nodes} nodes have no GPUDirect transport between GPUs "
+                "(Transport.GPUDIRECT); NCCL would fall back to host copies anyway"
+            )
+        return None
+
+    def begin_transfers(self, ctx: RunContext) -> None:
+        ctx.state["ops"] = []
+        if "global" not in ctx.state:
+            ctx.state["global"] = {}
+
+    def _peer(self, ctx: RunContext, peer: int) -> int:
+        table: dict[int, int] = ctx.state["global"]
+        if peer not in table:
+            table[peer] = global_rank(ctx.group, peer)
+        return table[peer]
+
+    def send(self, op: Send, ctx: RunContext) -> None:
+        peer = self._peer(ctx, op.dst_rank)
+        for t in ctx.tensors(op.src_rank, op.layer, op.src):
+            ctx.state["ops"].append(dist.P2POp(dist.isend, t, peer, ctx.group))
+        ctx.bytes_sent += ctx.expert_bytes
+
+    def recv(self, op: Recv, ctx: RunContext) -> None:
+        peer = self._peer(ctx, op.src_rank)
+        for t in ctx.tensors(op.dst_rank, op.layer, op.dst):
+            ctx.state["ops"].append(dist.P2POp(dist.irecv, t, peer, ctx.group))
+        ctx.bytes_received += ctx.expert_bytes
+
+    def post_transfers(self, ctx: RunContext) -> None:
+        ops = ctx.state.pop("ops", [])
+        if not ops:
+            return
+        timeout = self.timeout()
+        for work in dist.batch_isend_irecv(ops):
+            work.wait(timeout)
+
+    def warmup(
+        self,
+        schedule_or_topology: Schedule | Topology,
+        group: Any = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> list[int]:
+        """Open every peer connection ahead with a tiny exchange; returns the peers touched.
+
+        NCCL connects P2P peers lazily, on the first call to each, which made vLLM's first
+        rearrangement 10x slower than later ones; the runtime calls this in its profile step.
+        Every rank must call it with the same argument. Pass a schedule to connect only the
+        peers it uses, or a topology to connect all.
+        """
+        me = dist.get_rank(group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        peers = peers_of(schedule_or_topology, me)
+        if not peers:
+            return []
+        out = [torch.full((1,), me, dtype=torch.int32, device=device) for _ in peers]
+        inp = [torch.empty(1, dtype=torch.int32, device=device) for _ in peers]
+        ops = _exchange_ops(group, peers, out, inp)
+        for work in dist.batch_isend_irecv(ops):
+            work.wait(self.timeout())
+        return peers
+
+
+def _exchange_ops(
+    group: Any, peers: Iterable[int], out: list[torch.Tensor], inp: list[torch.Tensor]
+) -> list[dist.P2POp]:
+    ops = []
+    for i, peer in enumerate(peers):
+        g = global_rank(group, peer)
+        ops.append(dist.P2POp(dist.isend, out[i], g, group))
+        ops.append(dist.P2POp(dist.irecv, inp[i], g, group))
+    return ops

@@ -1,0 +1,440 @@
+"""``balanced``: as close to the lower bound on the busiest rank as the constraints allow.
+
+Per layer (or per (layer, node) in hierarchical mode), vectorised over layers:
+
+1. **Groups to nodes** (hierarchical only): DeepSeek's greedy, then swaps of two groups between
+   the busiest node and another while that lowers the busiest node.
+2. **Replica counts**: each redundant slot goes to the expert with the highest load per replica
+   (optimal for the max load per replica), but no expert gets more replicas than there are ranks
+   in its scope while another can take one: past that, replicas must share a rank, which never
+   lowers the busiest rank.
+3. **Replicas to ranks**: heaviest first, to the lightest rank with a free slot that holds fewer
+   than ``ceil(replicas / ranks)`` copies of that expert (so two copies share a rank only when the
+   expert has more replicas than ranks). If every rank with room is barred, one swap with a full
+   rank repairs it; such a swap always exists.
+4. **Local search**: swap a slot of the busiest rank with a lighter slot elsewhere while that
+   lowers the busiest rank, keeping the spread rule of step 3.
+5. **Floor**: with ``deepseek_floor`` (default), a layer where DeepSeek's greedy has a lighter
+   busiest rank takes DeepSeek's layer instead, so balancedness is never below ``deepseek``'s;
+   that layer may then stack two replicas of an expert on one rank.
+
+Hierarchical mode (replicas stay on their group's node, as DeepSeek's) is on when ``num_groups %
+num_nodes == 0``; ``hierarchical=False`` plans globally, which balances better but lets a token's
+experts spread over more nodes than group-limited routing expects.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from eplb.ir.errors import InvalidValueError
+from eplb.ir.placement import ModelPlacement
+from eplb.ir.topology import Topology
+from eplb.planner.policies import register_policy
+from eplb.planner.policies.deepseek import (
+    balanced_packing,
+    busiest_rank_floor,
+    deepseek_array,
+    is_uniform_nodes,
+    to_model_placement,
+)
+
+__all__ = ["BalancedInfo", "balanced", "max_rank_load", "plan_balanced", "use_hierarchy"]
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+# Relative slack for "strictly better" so float rounding can never make a search cycle.
+_EPS = 1e-12
+
+
+@attrs.frozen(kw_only=True)
+class BalancedInfo:
+    """How a `balanced` plan was made: for benchmarks and the CLI."""
+
+    hierarchical: bool
+    deepseek_layers: tuple[int, ...]  # layers taken from DeepSeek's greedy by the floor
+    swaps: int  # local-search swaps applied, all layers
+    repacked_rows: int  # rows the fast packing gave to the one-by-one packing
+
+
+def use_hierarchy(topology: Topology, num_groups: int, hierarchical: bool | None) -> bool:
+    """Resolve the ``hierarchical`` option: None means 'when groups split evenly over nodes'."""
+    nodes = topology.num_nodes
+    possible = nodes > 1 and num_groups % nodes == 0 and is_uniform_nodes(topology)
+    if hierarchical is None:
+        return possible
+    if hierarchical and not possible:
+        raise InvalidValueError(
+            "hierarchical",
+            f"needs num_groups ({num_groups}) to be a multiple of num_nodes ({nodes}) on nodes of equal, "
+            "contiguous rank ranges; pass hierarchical=False (or None to decide automatically).",
+        )
+    return bool(hierarchical)
+
+
+# --- step 1: groups to nodes --------------------------------------------------------------------
+def pack_groups(group_load: F64, num_nodes: int) -> I64:
+    """``group_load: [L, G]`` -> ``node_of_group: [L, G]``, G / num_nodes groups per node."""
+    packed, _ = balanced_packing(group_load, num_nodes)
+    node: I64 = packed.copy()
+    for layer in range(group_load.shape[0]):
+        w = group_load[layer]
+        while True:
+            node_load = np.bincount(node[layer], weights=w, minlength=num_nodes)
+            a = int(np.argmax(node_load))
+            in_a = np.flatnonzero(node[layer] == a)
+            out = np.flatnonzero(node[layer] != a)
+            d = w[in_a][:, None] - w[out][None, :]
+            new_max = np.maximum(node_load[a] - d, node_load[node[layer, out]][None, :] + d)
+            ok = (d > 0) & (new_max < node_load[a] * (1 - _EPS))
+            if not ok.any():
+                break
+            i, j = np.unravel_index(np.argmin(np.where(ok, new_max, np.inf)), d.shape)
+            node[layer, in_a[i]], node[layer, out[j]] = node[layer, out[j]], a
+    return node
+
+
+# --- step 2: replica counts ---------------------------------------------------------------------
+def replica_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
+    """``w: [B, n]`` -> counts ``[B, n]`` summing to ``num_phy``: greedy on load per replica,
+    capped at ``num_ranks`` replicas while any expert is below the cap."""
+    rows_n, n = w.shape
+    counts = np.ones((rows_n, n), dtype=np.int64)
+    rows = np.arange(rows_n)
+    for _ in range(num_phy - n):
+        score = w / counts
+        capped = np.where(counts < num_ranks, score, -1.0)
+        full: npt.NDArray[np.bool_] = np.asarray((counts >= num_ranks).all(axis=1))
+        idx = np.argmax(np.where(full[:, None], score, capped), axis=1)
+        counts[rows, idx] += 1
+    return counts
+
+
+# --- step 3: replicas to ranks ------------------------------------------------------------------
+@attrs.define
+class _State:
+    """Mutable search state for B independent rows (layers or (layer, node) pairs)."""
+
+    slot_expert: I64  # [B, P] expert in each slot (-1 while empty)
+    slot_w: F64  # [B, P] load share of each slot
+    loads: F64  # [B, R]
+    cnt: I64  # [B, n, R] copies of each expert on each rank
+    cap: I64  # [B, n] most copies of an expert one rank may hold
+    slots_per_rank: int
+
+
+def pack_replicas(w: F64, counts: I64, num_ranks: int, slots_per_rank: int) -> tuple[_State, int]:
+    """Heaviest replica first onto the lightest allowed rank. Returns the state and repair count."""
+    rows_n, n = w.shape
+    num_phy = num_ranks * slots_per_rank
+    share = w / counts
+    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
+    item_w = np.take_along_axis(share, items, axis=1)
+    order = np.argsort(-item_w, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, axis=1)
+    item_w = np.take_along_axis(item_w, order, axis=1)
+
+    st = _State(
+        slot_expert=np.full((rows_n, num_phy), -1, dtype=np.int64),
+        slot_w=np.zeros((rows_n, num_phy)),
+        loads=np.zeros((rows_n, num_ranks)),
+        cnt=np.zeros((rows_n, n, num_ranks), dtype=np.int64),
+        cap=-(-counts // num_ranks),
+        slots_per_rank=slots_per_rank,
+    )
+    fill = np.zeros((rows_n, num_ranks), dtype=np.int64)
+    rows = np.arange(rows_n)
+    repairs = 0
+    for k in range(num_phy):
+        e, wk = items[:, k], item_w[:, k]
+        ok = (fill < slots_per_rank) & (st.cnt[rows, e] < st.cap[rows, e][:, None])
+        r = np.argmin(np.where(ok, st.loads, np.inf), axis=1)
+        stuck = ~ok.any(axis=1)
+        for b in np.flatnonzero(stuck):
+            _place_with_repair(st, fill, int(b), int(e[b]), float(wk[b]))
+            repairs += 1
+        go = rows[~stuck]
+        r, e, wk = r[go], e[go], wk[go]
+        slot = r * slots_per_rank + fill[go, r]
+        st.slot_expert[go, slot] = e
+        st.slot_w[go, slot] = wk
+        st.loads[go, r] += wk
+        st.cnt[go, e, r] += 1
+        fill[go, r] += 1
+    return st, repairs
+
+
+def _place_with_repair(st: _State, fill: I64, b: int, e: int, wk: float) -> None:
+    """Every rank with room already holds its cap of ``e``: put ``e`` on a full rank q below the
+    cap and move one of q's replicas (of an expert below its cap on r) to the free slot on r.
+
+    Such a swap exists: r has fewer items than q, so some expert is more often on q than on r;
+    and fewer than ``cap * ranks`` copies of ``e`` are placed, so some rank is below the cap.
+    """
+    s = st.slots_per_rank
+    open_ranks = np.flatnonzero(fill[b] < s)
+    r = int(open_ranks[np.argmin(st.loads[b, open_ranks])])
+    best: tuple[float, int] | None = None
+    for q in np.flatnonzero((fill[b] == s) & (st.cnt[b, e] < st.cap[b, e])).tolist():
+        for p in range(q * s, (q + 1) * s):
+            f = int(st.slot_expert[b, p])
+            if f == e or st.cnt[b, f, r] >= st.cap[b, f]:
+                continue
+            wj = float(st.slot_w[b, p])
+            cost = float(max(st.loads[b, r] + wj, st.loads[b, q] - wj + wk))
+            if best is None or cost < best[0]:
+                best = (cost, p)
+    if best is None:  # pragma: no cover - excluded by the argument in the docstring
+        raise AssertionError("spread repair found no swap")
+    p = best[1]
+    q, f, wj = p // s, int(st.slot_expert[b, p]), float(st.slot_w[b, p])
+    dst = r * s + fill[b, r]
+    st.slot_expert[b, dst], st.slot_w[b, dst] = f, wj
+    st.slot_expert[b, p], st.slot_w[b, p] = e, wk
+    st.loads[b, r] += wj
+    st.loads[b, q] += wk - wj
+    st.cnt[b, f, r] += 1
+    st.cnt[b, f, q] -= 1
+    st.cnt[b, e, q] += 1
+    fill[b, r] += 1
+
+
+def pack_blocks(w: F64, counts: I64, num_ranks: int, slots_per_rank: int) -> tuple[_State, int]:
+    """Fast packing: replicas sorted heaviest first, dealt in blocks of ``num_ranks``, the heaviest
+    of a block to the lightest rank so far (one slot per rank per block). A block item barred by
+    the spread rule trades ranks with the nearest block item that can; a row where no trade works
+    is packed again by `pack_replicas`. Returns the state and the number of such rows."""
+    rows_n, n = w.shape
+    num_r, s = num_ranks, slots_per_rank
+    share = w / counts
+    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
+    item_w = np.take_along_axis(share, items, axis=1)
+    order = np.argsort(-item_w, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, axis=1)
+    item_w = np.take_along_axis(item_w, order, axis=1)
+    st = _State(
+        slot_expert=np.full((rows_n, num_r * s), -1, dtype=np.int64),
+        slot_w=np.zeros((rows_n, num_r * s)),
+        loads=np.zeros((rows_n, num_r)),
+        cnt=np.zeros((rows_n, n, num_r), dtype=np.int64),
+        cap=-(-counts // num_r),
+        slots_per_rank=s,
+    )
+    rows = np.arange(rows_n)[:, None]
+    failed = np.zeros(rows_n, dtype=bool)
+    for c in range(s):
+        it, iw = items[:, c * num_r : (c + 1) * num_r], item_w[:, c * num_r : (c + 1) * num_r]
+        t = np.argsort(st.loads, axis=1, kind="stable")
+        barred = st.cnt[rows, it, t] >= st.cap[rows, it]
+        for b in np.flatnonzero(barred.any(axis=1)):
+            failed[b] |= not _trade_block(st, int(b), it[b], t[b])
+        st.slot_expert[rows, t * s + c] = it
+        st.slot_w[rows, t * s + c] = iw
+        st.loads[rows, t] += iw
+        st.cnt[rows, it, t] += 1
+    redo = np.flatnonzero(failed)
+    if redo.size:
+        sub, _ = pack_replicas(w[redo], counts[redo], num_r, s)
+        for name in ("slot_expert", "slot_w", "loads", "cnt"):
+            getattr(st, name)[redo] = getattr(sub, name)
+    return st, int(redo.size)
+
+
+def _trade_block(st: _State, b: int, it: I64, t: I64) -> bool:
+    """Give each barred item of a block the rank of the nearest block item that can trade."""
+    num_r = it.size
+    cnt, cap = st.cnt[b], st.cap[b]
+    for i in range(num_r):
+        e = it[i]
+        if cnt[e, t[i]] < cap[e]:
+            continue
+        for i2 in sorted(range(num_r), key=lambda x: abs(x - i)):
+            f = it[i2]
+            if f != e and cnt[e, t[i2]] < cap[e] and cnt[f, t[i]] < cap[f]:
+                t[i], t[i2] = t[i2], t[i]
+                break
+        else:
+            return False
+    return True
+
+
+def _apply_swaps(st: _State, b: I64, pi: I64, pj: I64) -> None:
+    """Exchange slots ``pi`` and ``pj`` of rows ``b`` (each (row, rank) at most once)."""
+    s = st.slots_per_rank
+    r, q = pi // s, pj // s
+    e_i, e_j = st.slot_expert[b, pi], st.slot_expert[b, pj]
+    w_i, w_j = st.slot_w[b, pi], st.slot_w[b, pj]
+    st.slot_expert[b, pi], st.slot_expert[b, pj] = e_j, e_i
+    st.slot_w[b, pi], st.slot_w[b, pj] = w_j, w_i
+    st.loads[b, r] -= w_i - w_j
+    st.loads[b, q] += w_i - w_j
+    st.cnt[b, e_i, r] -= 1
+    st.cnt[b, e_j, r] += 1
+    st.cnt[b, e_j, q] -= 1
+    st.cnt[b, e_i, q] += 1
+
+
+# --- step 4: local search -----------------------------------------------------------------------
+def _best_swaps(st: _State, ab: I64, r: I64, cand: I64) -> tuple[I64, I64]:
+    """For rows ``ab`` with busiest rank ``r``, the best improving swap between a slot of r and one
+    of the slots ``cand: [A, C]``. Returns slot pairs ``(pi, pj)``, -1 where none improves."""
+    s = st.slots_per_rank
+    a = np.arange(ab.size)
+    loads = st.loads[ab]
+    lr = loads[a, r]
+    si = r[:, None] * s + np.arange(s)
+    wi, ei = st.slot_w[ab[:, None], si], st.slot_expert[ab[:, None], si]
+    wj, ej = st.slot_w[ab[:, None], cand], st.slot_expert[ab[:, None], cand]
+    q = cand // s
+    d = wi[:, :, None] - wj[:, None, :]
+    new_max = np.maximum(lr[:, None, None] - d, loads[a[:, None], q][:, None, :] + d)
+    ok = (d > 0) & (new_max < (lr * (1 - _EPS))[:, None, None]) & (q != r[:, None])[:, None, :]
+    # Spread caps: the other rank must be below the cap of the expert it receives, and so must r.
+    ok &= st.cnt[ab[:, None, None], ei[:, :, None], q[:, None, :]] < st.cap[ab[:, None], ei][:, :, None]
+    ok &= (st.cnt[ab[:, None], ej, r[:, None]] < st.cap[ab[:, None], ej])[:, None, :]
+    score = np.where(ok, new_max, np.inf).reshape(ab.size, -1)
+    flat = np.argmin(score, axis=1)
+    found = np.isfinite(score[a, flat])
+    c = cand.shape[1]
+    pi = np.where(found, r * s + flat // c, -1)
+    pj = np.where(found, cand[a, flat % c], -1)
+    return pi, pj
+
+
+def improve_swaps(st: _State, bound: F64, *, light_ranks: int = 4, max_rounds: int | None = None) -> int:
+    """Swap a slot of each row's busiest rank with a lighter slot elsewhere while that lowers the
+    busiest rank (best swap first), keeping the spread caps. Mutates ``st``; returns swaps made.
+
+    A row stops when its busiest rank is at most ``bound: [B]``. Partners come from the
+    ``light_ranks`` lightest ranks first (cheap), then from every rank before a row is declared
+    a local optimum.
+    """
+    num_phy = st.slot_expert.shape[1]
+    s = st.slots_per_rank
+    num_r = num_phy // s
+    active = st.loads.max(axis=1) > bound
+    k = min(light_ranks, num_r)
+    swaps = 0
+    for _ in range(max_rounds if max_rounds is not None else 4 * num_phy):
+        ab = np.flatnonzero(active)
+        if ab.size == 0:
+            break
+        r = np.argmax(st.loads[ab], axis=1)
+        light = np.argpartition(st.loads[ab], k - 1, axis=1)[:, :k]
+        pi, pj = _best_swaps(st, ab, r, (light[:, :, None] * s + np.arange(s)).reshape(ab.size, -1))
+        miss = np.flatnonzero(pi < 0)
+        if miss.size and k < num_r:
+            full = np.broadcast_to(np.arange(num_phy), (miss.size, num_phy))
+            pi[miss], pj[miss] = _best_swaps(st, ab[miss], r[miss], full)
+        good = pi >= 0
+        active[ab[~good]] = False
+        if not good.any():
+            break
+        b, pi, pj = ab[good], pi[good], pj[good]
+        _apply_swaps(st, b, pi, pj)
+        swaps += int(good.sum())
+        active[b] &= st.loads[b].max(axis=1) > bound[b]
+    return swaps
+
+
+def solve_rows(
+    w: F64, num_ranks: int, slots_per_rank: int, *, rows_per_layer: int = 1, tolerance: float = 1e-4
+) -> tuple[I64, int, int]:
+    """``w: [B, n]`` independent rows -> ``slot_expert: [B, num_ranks * slots_per_rank]`` (row-local
+    expert ids), swaps made, rows repacked.
+
+    Consecutive ``rows_per_layer`` rows make one layer (its nodes): a row stops improving once its
+    busiest rank is within ``tolerance`` of the layer's bound, max over the layer's rows of
+    max(mean rank load, heaviest replica), since only the layer's busiest rank counts.
+    """
+    counts = replica_counts(w, num_ranks * slots_per_rank, num_ranks)
+    st, redone = pack_blocks(w, counts, num_ranks, slots_per_rank)
+    row_bound = np.maximum(st.loads.mean(axis=1), st.slot_w.max(axis=1))
+    bound = np.repeat(row_bound.reshape(-1, rows_per_layer).max(axis=1), rows_per_layer) * (1 + tolerance)
+    swaps = improve_swaps(st, bound)
+    return st.slot_expert, swaps, redone
+
+
+def max_rank_load(load: F64, p2l: I64, num_ranks: int) -> F64:
+    rows = np.arange(load.shape[0])[:, None]
+    counts = np.zeros_like(load, dtype=np.int64)
+    np.add.at(counts, (np.broadcast_to(rows, p2l.shape), p2l), 1)
+    share = load / np.maximum(counts, 1)
+    return np.asarray(share[rows, p2l].reshape(p2l.shape[0], num_ranks, -1).sum(axis=2).max(axis=1))
+
+
+def plan_balanced(
+    load: F64,
+    topology: Topology,
+    *,
+    num_groups: int,
+    hierarchical: bool | None = None,
+    deepseek_floor: bool = True,
+    tolerance: float = 1e-4,
+) -> tuple[I64, BalancedInfo]:
+    """``physical_to_logical: [num_layers, num_physical_experts]`` and how it was made."""
+    if not 0 <= tolerance < 1:
+        raise InvalidValueError(
+            "search_tolerance", f"must be in [0, 1) (got {tolerance}); 1e-4 is the default."
+        )
+    num_l, num_e = load.shape
+    num_r, s = topology.num_ranks, topology.slots_per_rank
+    hier = use_hierarchy(topology, num_groups, hierarchical)
+    if hier:
+        num_n = topology.num_nodes
+        gs = num_e // num_groups
+        node_of_group = pack_groups(load.reshape(num_l, num_groups, gs).sum(axis=2), num_n)
+        group_order = np.argsort(node_of_group, axis=1, kind="stable")
+        mlog2log = (group_order[:, :, None] * gs + np.arange(gs)).reshape(num_l, num_e)
+        rows_w = np.take_along_axis(load, mlog2log, axis=1).reshape(num_l * num_n, num_e // num_n)
+        local, swaps, redone = solve_rows(
+            rows_w, num_r // num_n, s, rows_per_layer=num_n, tolerance=tolerance
+        )
+        offsets = (np.arange(num_n) * (num_e // num_n))[None, :, None]
+        mlog = (local.reshape(num_l, num_n, -1) + offsets).reshape(num_l, -1)
+        p2l = np.take_along_axis(mlog2log, mlog, axis=1)
+    else:
+        p2l, swaps, redone = solve_rows(load, num_r, s, tolerance=tolerance)
+    taken: tuple[int, ...] = ()
+    if deepseek_floor:
+        mine = max_rank_load(load, p2l, num_r)
+        ds_nodes = topology.num_nodes if is_uniform_nodes(topology) else 1
+        floor = busiest_rank_floor(load, topology.num_physical_experts, num_groups, ds_nodes, num_r)
+        # Run the full greedy only on layers where it could beat this plan.
+        check = np.flatnonzero(mine > floor)
+        if check.size:
+            ds = deepseek_array(load[check], topology, num_groups)
+            better = max_rank_load(load[check], ds, num_r) < mine[check] * (1 - 1e-9)
+            p2l = p2l.copy()
+            p2l[check[better]] = ds[better]
+            taken = tuple(int(i) for i in check[better])
+    info = BalancedInfo(hierarchical=hier, deepseek_layers=taken, swaps=swaps, repacked_rows=redone)
+    return p2l, info
+
+
+@register_policy("balanced")
+def balanced(
+    load: F64,
+    topology: Topology,
+    *,
+    num_groups: int,
+    current: ModelPlacement | None = None,
+    hierarchical: bool | None = None,
+    deepseek_floor: bool = True,
+    search_tolerance: float = 1e-4,
+) -> ModelPlacement:
+    """Plan from scratch (``current`` is ignored); see the module docstring for the steps.
+    ``search_tolerance``: stop improving a layer once its busiest rank is within this fraction
+    of the layer's bound (smaller is slower and closer)."""
+    p2l, _ = plan_balanced(
+        load,
+        topology,
+        num_groups=num_groups,
+        hierarchical=hierarchical,
+        deepseek_floor=deepseek_floor,
+        tolerance=search_tolerance,
+    )
+    return to_model_placement(p2l, topology.num_ranks, load.shape[1])

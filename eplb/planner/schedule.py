@@ -1,0 +1,566 @@
+"""Group a plan's ops into rounds: `schedule(plan, limits) -> Schedule`.
+
+1. Levels. Within a layer, a transfer that must follow another (it reads what a Recv wrote, or
+   overwrites what a Send reads) gets a higher level; copies sit between levels. Plans from
+   `compile_plan` have every transfer at level 0 and copies after them, so a layer's transfers may
+   go in any rounds.
+2. Windows. Consecutive (layer, level) units share rounds while the lower bound of the union is
+   no worse than the sum of their own bounds and the staging they may hold at once fits
+   ``staging_bytes_per_rank``: small layers do not pay one round each.
+3. Rounds of a window. Without a peer limit, transfers are packed under ``max_ops_per_group``
+   per rank (best fit). With ``max_peers_per_round = k`` the rank-to-rank pair graph (networkx)
+   is edge coloured: best-fit first; if that needs more than the lower bound, Misra–Gries gives a
+   proper colouring with at most max degree + 1 colours, grouped k per round, so rounds <=
+   ceil((degree + 1) / k) <= lower bound + 1 whenever the op limit does not bind.
+4. Copies go after the rank's last transfer of their unit (before its first, for copies that
+   precede every transfer). Staging buffers are renamed into one pool per rank by interval
+   colouring of their live ranges, so the pool is the peak number held at once.
+
+The lower bound (`rounds_lower_bound`) is, over all ranks, the most of ceil(distinct peers / k)
+and ceil(transfer ops / max_ops_per_group), and at least the deepest layer's level count.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Sequence
+
+import attrs
+import networkx as nx
+
+from eplb.ir.errors import PlanError, Violation
+from eplb.ir.ops import Copy, Loc, Recv, Send, Transfer
+from eplb.ir.plan import MigrationPlan
+from eplb.ir.schedule import Round, Schedule, ScheduleLimits
+
+__all__ = ["default_limits", "layer_lower_bound", "rounds_lower_bound", "schedule"]
+
+# Peers per round across nodes. One NIC flow can fill a 400 Gb/s link, so a few peers at a time
+# suffice; inside an NVSwitch node all peers at once is faster (DESIGN.md, "Why rounds").
+# Not yet measured on a multi-node cluster: calibrate when one is available.
+MULTI_NODE_PEERS = 4
+
+
+def default_limits(plan: MigrationPlan) -> ScheduleLimits:
+    """Limits for ``plan``'s link class: all peers at once on one node, `MULTI_NODE_PEERS` across
+    nodes; 256 ops per group (pytorch#174288); staging of one layer (``slots_per_rank`` experts),
+    the buffer vLLM and SGLang allocate."""
+    topo = plan.topology
+    return ScheduleLimits(
+        max_peers_per_round=None if topo.num_nodes == 1 else MULTI_NODE_PEERS,
+        max_ops_per_group=256,
+        staging_bytes_per_rank=topo.slots_per_rank * plan.expert_bytes,
+    )
+
+
+@attrs.define
+class _Pair:
+    """A Send and its Recv, scheduled together."""
+
+    send: Send
+    recv: Recv
+    level: int
+    round: int = -1
+
+
+@attrs.define
+class _Unit:
+    """The transfers of one (layer, level)."""
+
+    layer: int
+    level: int
+    pairs: list[_Pair]
+
+
+@attrs.define
+class _Layer:
+    units: list[_Unit]
+    copies: list[tuple[int, Copy]]  # (level, copy) in plan order
+    buffers: dict[int, int]  # rank -> distinct staging buffers the layer's plan uses
+
+
+def rounds_lower_bound(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> int:
+    """Fewest rounds any schedule of ``plan`` needs under ``limits`` (default: `default_limits`)."""
+    limits = limits or default_limits(plan)
+    layers = [_parse(plan, i) for i in range(plan.num_layers)]
+    pairs = [p for lay in layers for u in lay.units for p in u.pairs]
+    depth = max((len(lay.units) for lay in layers), default=0)
+    return max(_bound(pairs, limits), depth)
+
+
+def layer_lower_bound(plan: MigrationPlan, layer: int, limits: ScheduleLimits | None = None) -> int:
+    """Fewest rounds layer ``layer`` alone needs under ``limits``."""
+    limits = limits or default_limits(plan)
+    units = _parse(plan, layer).units
+    return max(_bound([p for u in units for p in u.pairs], limits), len(units))
+
+
+def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
+    """Rounds for ``plan`` under ``limits`` (None: `default_limits` for the plan's topology).
+
+    Raises `PlanError` when the plan is not a valid sequential program of matched transfers, or
+    when one layer alone needs more staging than ``limits.staging_bytes_per_rank``.
+    """
+    limits = limits or default_limits(plan)
+    layers = [_parse(plan, i) for i in range(plan.num_layers)]
+    budget = None
+    if limits.staging_bytes_per_rank is not None:
+        budget = limits.staging_bytes_per_rank // plan.expert_bytes
+
+    # --- windows: consecutive units that share rounds ----------------------------------------
+    units = [u for lay in layers for u in lay.units]
+    windows: list[list[_Unit]] = []
+    w_pairs: list[_Pair] = []
+    w_bufs: dict[int, int] = defaultdict(int)
+    w_layers: set[int] = set()
+    w_bound = 0
+    for unit in units:
+        u_bound = _bound(unit.pairs, limits)
+        bufs = layers[unit.layer].buffers if unit.layer not in w_layers else {}
+        fits = (
+            windows
+            and unit.layer not in w_layers  # a layer's next level starts a new window
+            and (budget is None or all(w_bufs[r] + n <= budget for r, n in bufs.items()))
+            and _bound(w_pairs + unit.pairs, limits) <= w_bound + u_bound
+        )
+        if fits:
+            windows[-1].append(unit)
+            w_pairs += unit.pairs
+            w_bound = _bound(w_pairs, limits)
+        else:
+            windows.append([unit])
+            w_pairs, w_bound, w_bufs, w_layers = list(unit.pairs), u_bound, defaultdict(int), set()
+        w_layers.add(unit.layer)
+        for r, n in bufs.items():
+            w_bufs[r] += n
+
+    # --- rounds of each window ---------------------------------------------------------------
+    num_ranks = plan.topology.num_ranks
+    rounds: list[list[_Pair]] = []
+    first_round: dict[tuple[int, int], int] = {}  # (layer, level) -> first round of its window
+    for window in windows:
+        pairs = [p for u in window for p in u.pairs]
+        assignment = _colour(pairs, limits, num_ranks)
+        base = len(rounds)
+        rounds.extend([] for _ in range(max(assignment, default=-1) + 1))
+        for p, k in zip(pairs, assignment, strict=True):
+            p.round = base + k
+            rounds[base + k].append(p)
+        for u in window:
+            first_round[(u.layer, u.level)] = base
+    if not rounds and any(lay.copies for lay in layers):
+        rounds.append([])  # a plan of local copies only still needs one round to hold them
+
+    # --- copies: after the rank's last transfer of their unit, or before its first -------------
+    before: list[list[Copy]] = [[] for _ in rounds]
+    after: list[list[Copy]] = [[] for _ in rounds]
+    for li, lay in enumerate(layers):
+        last: dict[tuple[int, int], int] = {}
+        for u in lay.units:
+            for p in u.pairs:
+                for r in (p.send.src_rank, p.recv.dst_rank):
+                    last[(u.level, r)] = max(last.get((u.level, r), -1), p.round)
+        for level, c in lay.copies:
+            at = last.get((level, c.rank))
+            if at is not None:
+                after[at].append(c)
+            else:
+                before[first_round.get((li, max(level, 0)), 0)].append(c)
+
+    # --- transfers in a fixed order; both sides of a pair list them alike ----------------------
+    transfers: list[list[Transfer]] = []
+    for rnd in rounds:
+        rnd.sort(key=lambda p: (p.send.layer, p.send.transfer_id))
+        transfers.append([op for p in rnd for op in (p.send, p.recv)])
+
+    pool, before, transfers, after = _rename_buffers(before, transfers, after)
+    out_rounds = tuple(
+        Round(before=b, transfers=t, after=a)  # type: ignore[arg-type]  # attrs converter=tuple
+        for b, t, a in zip(before, transfers, after, strict=True)
+    )
+    if budget is not None and pool > budget:
+        raise PlanError(
+            "plan needs more staging than the limits allow",
+            [
+                Violation(
+                    what=f"the schedule holds {pool} staging buffer(s) per rank at once "
+                    f"({pool * plan.expert_bytes} B) but staging_bytes_per_rank is "
+                    f"{limits.staging_bytes_per_rank} B",
+                    fix=f"raise staging_bytes_per_rank to at least {pool * plan.expert_bytes}",
+                )
+            ],
+        )
+    depth = max((len(lay.units) for lay in layers), default=0)
+    all_pairs = [p for u in units for p in u.pairs]
+    return Schedule(
+        plan=plan,
+        limits=limits,
+        rounds=out_rounds,  # type: ignore[arg-type]  # attrs converter=tuple
+        rounds_lower_bound=max(_bound(all_pairs, limits), depth),
+        staging_buffers_per_rank=pool,
+    )
+
+
+# --- parsing a layer: pairs, levels, copies ---------------------------------------------------
+def _parse(plan: MigrationPlan, li: int) -> _Layer:
+    """Match Sends with Recvs and give every op its level (see the module docstring)."""
+    ops = plan.layers[li].ops
+    partner: dict[int, Send | Recv] = {}
+    by_tid: dict[int, list[Send | Recv]] = defaultdict(list)
+    for op in ops:
+        if isinstance(op, (Send, Recv)):
+            by_tid[op.transfer_id].append(op)
+    bad = [
+        Violation(
+            what=f"transfer #{tid} has {sum(isinstance(o, Send) for o in group)} Send(s) and "
+            f"{sum(isinstance(o, Recv) for o in group)} Recv(s); it needs exactly one of each, with the "
+            "same ranks and expert",
+            fix="give every transfer id one Send and one Recv",
+            layer=li,
+            op=str(group[0]),
+        )
+        for tid, group in sorted(by_tid.items())
+        if len(group) != 2
+        or sorted(o.kind for o in group) != ["recv", "send"]
+        or len({(o.src_rank, o.dst_rank, o.expert) for o in group}) != 1
+    ]
+    if bad:
+        raise PlanError(f"layer {li} of the plan cannot be scheduled", bad)
+    for group in by_tid.values():
+        partner[id(group[0])], partner[id(group[1])] = group[1], group[0]
+
+    # Per location: the last writer's (level, is_copy) and the highest level that read it since.
+    writer: dict[tuple[int, Loc], tuple[int, bool]] = {}
+    readers: dict[tuple[int, Loc], tuple[int, bool]] = {}
+    units: dict[int, list[_Pair]] = defaultdict(list)
+    copies: list[tuple[int, Copy]] = []
+    buffers: dict[int, set[int]] = defaultdict(set)
+    seen: set[int] = set()
+
+    def after_transfer(key: tuple[int, Loc], table: dict[tuple[int, Loc], tuple[int, bool]]) -> int:
+        # A transfer must be in a later group than any earlier access (Sends and Recvs of one
+        # group may not share a location; a copy at level L runs after group L).
+        got = table.get(key)
+        return -1 if got is None else got[0] + 1
+
+    def after_copy(key: tuple[int, Loc], table: dict[tuple[int, Loc], tuple[int, bool]]) -> int:
+        got = table.get(key)
+        return -1 if got is None else got[0]
+
+    for op in ops:
+        if isinstance(op, Copy):
+            src, dst = (op.rank, op.src), (op.rank, op.dst)
+            level = max(-1, after_copy(src, writer), after_copy(dst, readers), after_copy(dst, writer))
+            readers[src] = (max(level, readers.get(src, (-1, True))[0]), True)
+            writer[dst] = (level, True)
+            readers.pop(dst, None)
+            copies.append((level, op))
+            for loc in (op.src, op.dst):
+                if loc.is_buffer:
+                    buffers[op.rank].add(loc.index)
+            continue
+        if id(op) in seen:
+            continue
+        other = partner[id(op)]
+        seen.add(id(other))
+        send, recv = (op, other) if isinstance(op, Send) else (other, op)
+        assert isinstance(send, Send) and isinstance(recv, Recv)
+        src, dst = (send.src_rank, send.src), (recv.dst_rank, recv.dst)
+        level = max(0, after_transfer(src, writer), after_transfer(dst, readers), after_transfer(dst, writer))
+        readers[src] = (max(level, readers.get(src, (-1, False))[0]), False)
+        writer[dst] = (level, False)
+        readers.pop(dst, None)
+        units[level].append(_Pair(send=send, recv=recv, level=level))
+        if send.src.is_buffer:
+            buffers[send.src_rank].add(send.src.index)
+        if recv.dst.is_buffer:
+            buffers[recv.dst_rank].add(recv.dst.index)
+    return _Layer(
+        units=[_Unit(layer=li, level=lv, pairs=units[lv]) for lv in sorted(units)],
+        copies=copies,
+        buffers={r: len(b) for r, b in buffers.items()},
+    )
+
+
+# --- bounds and colouring ---------------------------------------------------------------------
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bound(pairs: Sequence[_Pair], limits: ScheduleLimits) -> int:
+    if not pairs:
+        return 0
+    ops: dict[int, int] = defaultdict(int)
+    peers: dict[int, set[int]] = defaultdict(set)
+    for p in pairs:
+        a, b = p.send.src_rank, p.recv.dst_rank
+        ops[a] += 1
+        ops[b] += 1
+        peers[a].add(b)
+        peers[b].add(a)
+    m = limits.max_ops_per_group
+    best = max(_ceil(n, m) for n in ops.values())
+    k = limits.max_peers_per_round
+    if k is not None:
+        best = max(best, max(_ceil(len(s), k) for s in peers.values()))
+    return best
+
+
+def _colour(pairs: Sequence[_Pair], limits: ScheduleLimits, num_ranks: int) -> list[int]:
+    """A round index per pair: every rank <= k peers and <= max_ops_per_group ops per round."""
+    if not pairs:
+        return []
+    bound = _bound(pairs, limits)
+    greedy = _best_fit(pairs, limits, num_ranks, bound)
+    rounds = max(greedy) + 1
+    if limits.max_peers_per_round is None or rounds <= bound:
+        return greedy
+    mg = _misra_gries_rounds(pairs, limits)
+    if mg is not None and max(mg) + 1 < rounds:
+        return mg
+    return greedy
+
+
+def _best_fit(pairs: Sequence[_Pair], limits: ScheduleLimits, num_ranks: int, start: int) -> list[int]:
+    """Pairs of ranks, busiest first, into the open round with the most room; new rounds as needed."""
+    k, m = limits.max_peers_per_round, limits.max_ops_per_group
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    degree = [0] * num_ranks
+    for i, p in enumerate(pairs):
+        a, b = p.send.src_rank, p.recv.dst_rank
+        key = (a, b) if a < b else (b, a)
+        if key not in groups:
+            degree[a] += 1
+            degree[b] += 1
+        groups[key].append(i)
+    load: list[list[int]] = [[0] * num_ranks for _ in range(start)]
+    peers: list[list[set[int]]] = [[set() for _ in range(num_ranks)] for _ in range(start)]
+    out = [0] * len(pairs)
+    order = sorted(groups, key=lambda ab: (-max(degree[ab[0]], degree[ab[1]]), -len(groups[ab]), ab))
+    for a, b in order:
+        todo = groups[(a, b)]
+        while todo:
+            best, room = -1, 0
+            for r in range(len(load)):
+                new_peer = b not in peers[r][a]
+                if k is not None and new_peer and (len(peers[r][a]) >= k or len(peers[r][b]) >= k):
+                    continue
+                free = min(m - load[r][a], m - load[r][b])
+                if free > room:
+                    best, room = r, free
+            if best < 0:
+                load.append([0] * num_ranks)
+                peers.append([set() for _ in range(num_ranks)])
+                best, room = len(load) - 1, m
+            take, todo = todo[:room], todo[room:]
+            for i in take:
+                out[i] = best
+            load[best][a] += len(take)
+            load[best][b] += len(take)
+            peers[best][a].add(b)
+            peers[best][b].add(a)
+    used = sorted(set(out))
+    renumber = {r: j for j, r in enumerate(used)}
+    return [renumber[r] for r in out]
+
+
+def _misra_gries_rounds(pairs: Sequence[_Pair], limits: ScheduleLimits) -> list[int] | None:
+    """Proper edge colouring of the pair graph (<= max degree + 1 colours), k colours a round.
+
+    None if some round would exceed ``max_ops_per_group`` (pairs with many transfers).
+    """
+    k = limits.max_peers_per_round
+    assert k is not None
+    graph = nx.Graph()
+    for p in pairs:
+        a, b = p.send.src_rank, p.recv.dst_rank
+        if graph.has_edge(a, b):
+            graph[a][b]["n"] += 1
+        else:
+            graph.add_edge(a, b, n=1)
+    colours = _misra_gries(graph)
+    used = sorted(set(colours.values()))
+    rank_of = {c: j // k for j, c in enumerate(used)}
+    out = []
+    load: dict[tuple[int, int], int] = defaultdict(int)
+    for p in pairs:
+        a, b = p.send.src_rank, p.recv.dst_rank
+        r = rank_of[colours[(a, b) if a < b else (b, a)]]
+        load[(r, a)] += 1
+        load[(r, b)] += 1
+        out.append(r)
+    if max(load.values()) > limits.max_ops_per_group:
+        return None
+    return out
+
+
+def _misra_gries(graph: nx.Graph) -> dict[tuple[int, int], int]:
+    """Misra & Gries (1992): a proper edge colouring with at most max degree + 1 colours."""
+    num_colours = max((d for _, d in graph.degree()), default=0) + 1
+    at: dict[int, dict[int, int]] = {v: {} for v in graph}  # vertex -> colour -> neighbour
+
+    def free(v: int) -> int:
+        used = at[v]
+        return next(c for c in range(num_colours) if c not in used)
+
+    def colour_of(u: int, v: int) -> int | None:
+        return next((c for c, w in at[u].items() if w == v), None)
+
+    def set_colour(u: int, v: int, c: int | None) -> None:
+        old = colour_of(u, v)
+        if old is not None:
+            del at[u][old]
+            del at[v][old]
+        if c is not None:
+            at[u][c] = v
+            at[v][c] = u
+
+    for x, f in sorted((min(e), max(e)) for e in graph.edges()):
+        # Maximal fan of x starting at f: colour(x, fan[i]) is free on fan[i - 1].
+        fan = [f]
+        in_fan = {f}
+        grown = True
+        while grown:
+            grown = False
+            for c, w in at[x].items():
+                if w not in in_fan and c not in at[fan[-1]]:
+                    fan.append(w)
+                    in_fan.add(w)
+                    grown = True
+                    break
+        c, d = free(x), free(fan[-1])
+        # Invert the path from x alternating colours d, c (c is free on x).
+        path = []
+        v, col = x, d
+        while col in at[v]:
+            w = at[v][col]
+            path.append((v, w, col))
+            v, col = w, (c if col == d else d)
+        for v, w, col in path:
+            del at[v][col]
+            del at[w][col]
+        for v, w, col in path:
+            new = c if col == d else d
+            at[v][new] = w
+            at[w][new] = v
+        # The first fan vertex on which d is free, keeping the prefix a fan.
+        end = 0
+        for i, w in enumerate(fan):
+            if i > 0 and colour_of(x, w) in at[fan[i - 1]]:
+                break
+            end = i
+            if d not in at[w]:
+                break
+        # Rotate the fan prefix: each edge takes its successor's colour; the last takes d.
+        for i in range(end):
+            nxt = colour_of(x, fan[i + 1])
+            set_colour(x, fan[i + 1], None)
+            set_colour(x, fan[i], nxt)
+        set_colour(x, fan[end], d)
+    return {(min(u, v), max(u, v)): c for u, nbrs in at.items() for c, v in nbrs.items()}
+
+
+# --- staging buffers: plan-local names -> one pool per rank -----------------------------------
+def _rename_buffers(
+    before: list[list[Copy]], transfers: list[list[Transfer]], after: list[list[Copy]]
+) -> tuple[int, list[list[Copy]], list[list[Transfer]], list[list[Copy]]]:
+    """Give every staged value a pool buffer free for its whole live range; returns the pool size."""
+    # value: (layer, rank, plan index, generation); live range [start, end] in execution time.
+    gen: dict[tuple[int, int, int], int] = defaultdict(int)
+    live: dict[tuple[int, int, int, int], list[tuple[int, int, int]]] = {}
+    uses: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {}  # (round, section, i, role)
+
+    def touch(
+        op_key: tuple[int, int, int, str],
+        layer: int,
+        rank: int,
+        loc: Loc,
+        t: tuple[int, int, int],
+        write: bool,
+    ) -> None:
+        key = (layer, rank, loc.index)
+        if write:
+            gen[key] += 1
+        g = gen[key]
+        value = (*key, g)
+        if write:
+            live[value] = [t, t]
+        elif value not in live:
+            raise PlanError(
+                "plan cannot be scheduled",
+                [
+                    Violation(
+                        what=f"reads staging buffer {loc} before any op of the layer wrote it",
+                        fix="write the buffer earlier in the same layer",
+                        layer=layer,
+                        rank=rank,
+                    )
+                ],
+            )
+        else:
+            live[value][1] = t
+        uses[op_key] = value
+
+    for k in range(len(transfers)):
+        for sec, ops in ((0, before[k]), (2, after[k])):
+            for i, c in enumerate(ops):
+                if c.src.is_buffer:
+                    touch((k, sec, i, "src"), c.layer, c.rank, c.src, (k, sec, i), False)
+                if c.dst.is_buffer:
+                    touch((k, sec, i, "dst"), c.layer, c.rank, c.dst, (k, sec, i), True)
+            if sec == 0:
+                for i, op in enumerate(transfers[k]):
+                    if isinstance(op, Send) and op.src.is_buffer:
+                        touch((k, 1, i, "src"), op.layer, op.rank, op.src, (k, 1, 0), False)
+                for i, op in enumerate(transfers[k]):
+                    if isinstance(op, Recv) and op.dst.is_buffer:
+                        touch((k, 1, i, "dst"), op.layer, op.rank, op.dst, (k, 1, 0), True)
+    if not live:
+        return 0, before, transfers, after
+
+    # Interval colouring per rank, by start: reuse a buffer whose value ended strictly earlier.
+    index: dict[tuple[int, int, int, int], int] = {}
+    by_rank: dict[int, list[tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int, int]]]] = (
+        defaultdict(list)
+    )
+    for value, (start, end) in live.items():
+        by_rank[value[1]].append((start, end, value))
+    pool = 0
+    for items in by_rank.values():
+        items.sort()
+        busy: list[tuple[tuple[int, int, int], int]] = []
+        free: list[int] = []
+        count = 0
+        for start, end, value in items:
+            while busy and busy[0][0] < start:
+                heapq.heappush(free, heapq.heappop(busy)[1])
+            if free:
+                idx = heapq.heappop(free)
+            else:
+                idx, count = count, count + 1
+            index[value] = idx
+            heapq.heappush(busy, (end, idx))
+        pool = max(pool, count)
+
+    def fix(op_key: tuple[int, int, int, str], loc: Loc) -> Loc:
+        value = uses.get(op_key)
+        return loc if value is None else Loc.buffer(index[value])
+
+    def fix_copy(k: int, sec: int, i: int, c: Copy) -> Copy:
+        src, dst = fix((k, sec, i, "src"), c.src), fix((k, sec, i, "dst"), c.dst)
+        return c if (src, dst) == (c.src, c.dst) else attrs.evolve(c, src=src, dst=dst)
+
+    def fix_transfer(k: int, i: int, op: Transfer) -> Transfer:
+        if isinstance(op, Send):
+            src = fix((k, 1, i, "src"), op.src)
+            return op if src == op.src else attrs.evolve(op, src=src)
+        dst = fix((k, 1, i, "dst"), op.dst)
+        return op if dst == op.dst else attrs.evolve(op, dst=dst)
+
+    return (
+        pool,
+        [[fix_copy(k, 0, i, c) for i, c in enumerate(ops)] for k, ops in enumerate(before)],
+        [[fix_transfer(k, i, op) for i, op in enumerate(ops)] for k, ops in enumerate(transfers)],
+        [[fix_copy(k, 2, i, c) for i, c in enumerate(ops)] for k, ops in enumerate(after)],
+    )

@@ -1,0 +1,743 @@
+"""`EplbState`: the object an inference engine holds to record load and rebalance experts.
+
+It descends from vLLM's ``EplbState`` (``shared/seed/eplb_state_reference.txt``) and keeps its
+behaviour and shapes, framework-agnostic:
+
+- maps, updated in place with ``copy_`` (storage never replaced, so CUDA graphs stay valid):
+  ``physical_to_logical_map: [L, P]``, ``logical_to_physical_map: [L, E, P - E + 1]`` (-1 padded),
+  ``logical_replica_count: [L, E]``, int64;
+- ``expert_load_pass: [L, S]`` int32, the tokens each local slot took in this forward pass
+  (the engine's kernels, or `eplb.runtime.routing.record_load`, add to it);
+- a sliding window of ``window_size`` passes, kept per *logical* expert (``[W, L, E]`` int32) so
+  the load of a pass stays right when a layer's placement changes under it;
+- a step interval, the first rearrangement at 3/4 of it; dummy steps advance the interval (every
+  rank must reach the collectives together) but record no load.
+
+Call order on every rank of the expert-parallel group::
+
+    state = EplbState.build(model, topology, group=ep_group)
+    state.profile()                 # once, in the engine's profile run
+    for each forward pass:
+        model(...)                  # adds to state.expert_load_pass
+        state.step(is_dummy=..., log_stats=...)   # may rearrange
+
+`rearrange` runs: window -> logical load -> all-reduce -> policy -> compile -> schedule ->
+verify -> executor (`eplb.executors.select`) -> commit, in chunks of layers. A chunk's maps
+switch only after every rank reports its weights in place (one vote per chunk). With
+``incremental=True`` one chunk moves per `step`, so serving never stalls for the whole model.
+Fault semantics: before a chunk runs, each rank copies the slots the chunk overwrites; if any
+rank fails, every layer of the chunk not completed on every rank gets its old weights back
+(`layer_status` says which layers moved and which rolled back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb.executors.base import ExecutionError, Executor
+from eplb.executors.select import select_executor
+from eplb.ir.errors import EplbError, InvalidValueError
+from eplb.ir.placement import ModelPlacement, Placement
+from eplb.ir.schedule import Schedule, ScheduleLimits
+from eplb.ir.topology import Topology
+from eplb.planner import metrics
+from eplb.planner.compile import compile_plan
+from eplb.planner.rebalance import rebalance
+from eplb.planner.schedule import schedule as schedule_plan
+from eplb.planner.verify import verify
+from eplb.runtime.model import EplbAwareModel, MoEModel, check_model, expert_bytes
+
+__all__ = [
+    "EplbState",
+    "LayerStatus",
+    "RearrangeReport",
+    "RearrangementError",
+    "RuntimeConfig",
+]
+
+logger = logging.getLogger("eplb.runtime")
+
+
+class RearrangementError(EplbError):
+    """A rearrangement could not start or finish; the message says what state the layers are in."""
+
+
+class LayerStatus(enum.Enum):
+    """Where a layer stands; in every status its maps describe the weights it holds."""
+
+    STABLE = "stable"  # on its placement, no move planned
+    PENDING = "pending"  # old placement + old weights, to move in a later step (incremental)
+    MIGRATED = "migrated"  # new placement + new weights, moved by the latest rearrangement
+    ROLLED_BACK = "rolled_back"  # a fault hit its move: old placement + old weights restored
+    CORRUPT = "corrupt"  # rollback off and the move failed mid-way: reload this layer's weights
+
+    def __repr__(self) -> str:
+        return f"LayerStatus.{self.name}"
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(value or {}))
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise InvalidValueError(attr.name, f"must be an int > 0 (got {value!r}).")
+
+
+@attrs.frozen(kw_only=True)
+class RuntimeConfig:
+    """How the state records load and when and how it rebalances.
+
+    ``window_size``: passes in the sliding window (vLLM's ``eplb_window_size``).
+    ``step_interval``: steps between rearrangements; the first comes at 3/4 of it.
+    ``policy``: a registered policy name; None is ``migration_aware`` (the current placement is
+    always known here). ``policy_options`` go to it.
+    ``layers_per_chunk``: layers per executor run (one vote and one backup each); None means all
+    changed layers at once when blocking, 1 when ``incremental``.
+    ``incremental``: move one chunk per `EplbState.step` instead of all in one call.
+    ``executor``: a backend name for `select_executor`, or an `Executor` instance (an explicit
+    choice wins); None: chosen from the topology and the weights' device (``local`` in a single
+    process). ``executor_config``: that backend's ``Config`` (timeouts). ``limits``: round
+    limits (None: the scheduler's default for the topology).
+    ``rollback``: copy the slots a chunk overwrites before running it, so a fault restores them;
+    off saves that memory but a layer left partial by a fault is `LayerStatus.CORRUPT`.
+    ``backup_device``: where those copies live (None: the weights' device; ``"cpu"`` saves GPU
+    memory at the cost of device-to-host copies).
+    """
+
+    window_size: int = attrs.field(default=1000, validator=_positive)
+    step_interval: int = attrs.field(default=3000, validator=_positive)
+    policy: str | None = None
+    policy_options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    layers_per_chunk: int | None = attrs.field(default=None, validator=_positive)
+    incremental: bool = False
+    executor: str | Executor | None = None
+    executor_config: Executor.Config | None = None
+    limits: ScheduleLimits | None = None
+    rollback: bool = True
+    backup_device: str | None = None
+
+
+@attrs.define(kw_only=True)
+class RearrangeReport:
+    """One rearrangement, filled in as it goes (incremental mode: over several steps).
+
+    ``timings`` holds seconds per phase, summed over chunks: ``gather`` (window -> logical load
+    -> all-reduce), ``policy``, ``agree`` (rank 0's target to all), ``compile``, ``schedule``,
+    ``verify``, ``select``, ``backup``, ``execute``, ``vote``, ``commit``/``restore``.
+    ``balancedness_before`` / ``balancedness_after``: the window's load on the old and new
+    placement (mean / max rank load summed over layers, as vLLM logs it).
+    """
+
+    index: int
+    profile: bool = False
+    layers_planned: tuple[int, ...] = ()
+    layers_migrated: list[int] = attrs.field(factory=list)
+    layers_rolled_back: list[int] = attrs.field(factory=list)
+    layers_corrupt: list[int] = attrs.field(factory=list)
+    timings: dict[str, float] = attrs.field(factory=dict)
+    balancedness_before: float = float("nan")
+    balancedness_after: float = float("nan")
+    slots_moved: int = 0
+    bytes_moved: int = 0
+    chunks: int = 0
+    error: str | None = None
+    done: bool = False
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.timings.values())
+
+    def __str__(self) -> str:
+        phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
+        state = "done" if self.done else "in progress"
+        fault = f"; FAULT: {self.error}" if self.error else ""
+        return (
+            f"rearrangement #{self.index}{' (profile)' if self.profile else ''} {state}: "
+            f"{len(self.layers_migrated)}/{len(self.layers_planned)} layers moved, "
+            f"{len(self.layers_rolled_back)} rolled back, {self.slots_moved} slots, "
+            f"{self.bytes_moved / 1e9:.3f} GB, balancedness {self.balancedness_before:.4f} -> "
+            f"{self.balancedness_after:.4f}; {phases}{fault}"
+        )
+
+
+@attrs.define
+class _Pending:
+    """A rearrangement between steps: the target and the chunks still to move."""
+
+    target: ModelPlacement
+    chunks: list[tuple[int, ...]]
+    report: RearrangeReport
+
+
+class EplbState:
+    """Load recording and expert rearrangement for one rank; see the module docstring.
+
+    Build with `EplbState.build`. Tensors are public, as in the seed, so an engine can hand them
+    to its kernels; their storage never changes after `build`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: MoEModel,
+        topology: Topology,
+        placement: ModelPlacement,
+        group: Any,
+        control_group: Any,
+        rank: int,
+        device: torch.device,
+        config: RuntimeConfig,
+    ) -> None:
+        self.model = model
+        self.topology = topology
+        self.config = config
+        self.group = group
+        self.control_group = control_group
+        self.rank = rank
+        self.device = device
+        self._placement = placement
+        num_l, num_e = placement.num_layers, placement.num_logical_experts
+        num_s = topology.slots_per_rank
+        self.physical_to_logical_map = torch.tensor(placement.to_numpy(), device=device)
+        self.logical_to_physical_map = torch.tensor(placement.logical_to_physical_array(), device=device)
+        self.logical_replica_count = torch.tensor(placement.replica_count_array(), device=device)
+        self.expert_load_pass = torch.zeros((num_l, num_s), dtype=torch.int32, device=device)
+        self.expert_load_window = torch.zeros(
+            (config.window_size, num_l, num_e), dtype=torch.int32, device=device
+        )
+        self.expert_load_window_step = 0
+        # The seed starts at 3/4 of the interval so the first rearrangement comes early.
+        self.expert_rearrangement_step = max(0, config.step_interval - config.step_interval // 4)
+        self._status = [LayerStatus.STABLE] * num_l
+        self._pending: _Pending | None = None
+        self._reports: list[RearrangeReport] = []
+        self.last_stats: dict[str, float] | None = None
+        self.needs_new_group = False
+        self._executor: Executor | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: MoEModel,
+        topology: Topology | None = None,
+        *,
+        group: Any = None,
+        control_group: Any = None,
+        device: torch.device | str | None = None,
+        config: RuntimeConfig | None = None,
+        initial: ModelPlacement | None = None,
+    ) -> EplbState:
+        """The state for ``model`` on this rank of ``group`` (None: a single process).
+
+        ``topology`` defaults to ``group``'s ranks on one node. ``control_group`` carries the
+        small collectives (load, votes, stats); by default a gloo group over the same ranks is
+        made here (a collective call: every rank must call `build`), so a transfer that times out
+        on ``group`` cannot take the votes down with it. ``initial`` is the placement the weights
+        hold now (default: the seed's trivial one). Hands the tensors to ``model.set_eplb_state``
+        when the model has it.
+        """
+        world = 1 if group is None else dist.get_world_size(group)
+        rank = 0 if group is None else dist.get_rank(group)
+        check_model(model, world)
+        num_s = model.num_local_physical_experts
+        if topology is None:
+            topology = Topology.uniform(world, num_s)
+        if topology.num_ranks != world or topology.slots_per_rank != num_s:
+            raise InvalidValueError(
+                "topology",
+                f"has {topology.num_ranks} ranks x {topology.slots_per_rank} slots but the group has "
+                f"{world} ranks and the model {num_s} local slots; describe the group the model is "
+                "sharded over.",
+            )
+        if initial is None:
+            initial = ModelPlacement.trivial(
+                num_layers=model.num_moe_layers,
+                num_logical_experts=model.num_logical_experts,
+                num_physical_experts=model.num_physical_experts,
+                num_ranks=world,
+            )
+        if (initial.num_layers, initial.num_logical_experts, initial.num_physical_experts) != (
+            model.num_moe_layers,
+            model.num_logical_experts,
+            model.num_physical_experts,
+        ):
+            raise InvalidValueError(
+                "initial",
+                f"is {initial} but the model has {model.num_moe_layers} layers, "
+                f"{model.num_logical_experts} logical and {model.num_physical_experts} physical "
+                "experts; pass the placement the model's weights hold.",
+            )
+        if device is None:
+            device = model.expert_weights[0][0].device
+        if group is not None and control_group is None:
+            control_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+        state = cls(
+            model=model,
+            topology=topology,
+            placement=initial,
+            group=group,
+            control_group=control_group,
+            rank=rank,
+            device=torch.device(device),
+            config=config if config is not None else RuntimeConfig(),
+        )
+        if isinstance(model, EplbAwareModel):
+            model.set_eplb_state(
+                state.expert_load_pass, state.logical_to_physical_map, state.logical_replica_count
+            )
+        return state
+
+    # --- views -----------------------------------------------------------------------------------
+    @property
+    def placement(self) -> ModelPlacement:
+        """The placement the maps and weights hold now (per layer; see `layer_status`)."""
+        return self._placement
+
+    @property
+    def num_ranks(self) -> int:
+        return self.topology.num_ranks
+
+    def layer_status(self) -> tuple[LayerStatus, ...]:
+        """``[num_moe_layers]``: each layer's status after the latest rearrangement."""
+        return tuple(self._status)
+
+    @property
+    def reports(self) -> tuple[RearrangeReport, ...]:
+        """Every rearrangement so far, oldest first (the last may be in progress)."""
+        return tuple(self._reports)
+
+    @property
+    def rearranging(self) -> bool:
+        """True between the steps of an incremental rearrangement."""
+        return self._pending is not None
+
+    def set_group(self, group: Any) -> None:
+        """Use a new transfer group, after a fault left the old one unusable (`needs_new_group`)."""
+        if dist.get_world_size(group) != self.num_ranks:
+            raise InvalidValueError(
+                "group", f"has {dist.get_world_size(group)} ranks but the state spans {self.num_ranks}."
+            )
+        self.group = group
+        self.needs_new_group = False
+
+    # --- per pass ---------------------------------------------------------------------------------
+    def step(
+        self, *, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
+    ) -> dict[str, float] | None:
+        """End a forward pass: window its load, advance the interval, rearrange when due.
+
+        Returns the balancedness dict when ``log_stats`` (a collective: all ranks pass the same
+        flag), else None. ``is_dummy``: the pass ran only to keep ranks in step; its load is
+        dropped but the interval advances on every rank alike. ``is_profile``: run `profile`.
+        """
+        if is_profile:
+            self.profile()
+            return None
+        if is_dummy:
+            self.expert_load_pass.zero_()
+        stats = self.balancedness() if log_stats else None
+        if not is_dummy:
+            self._window_pass()
+        self.expert_load_pass.zero_()
+        # Dummy steps count here too: every rank must enter a rearrangement at the same step.
+        self.expert_rearrangement_step += 1
+        if self._pending is not None:
+            self._advance()
+        elif self.expert_rearrangement_step >= self.config.step_interval:
+            self.expert_rearrangement_step = 0
+            self.rearrange()
+        return stats
+
+    def _window_pass(self) -> None:
+        # Scatter local slots onto logical experts with the maps this pass was routed with.
+        start = self.rank * self.topology.slots_per_rank
+        local_p2l = self.physical_to_logical_map[:, start : start + self.topology.slots_per_rank]
+        row = self.expert_load_window[self.expert_load_window_step]
+        row.zero_()
+        row.scatter_add_(1, local_p2l, self.expert_load_pass)
+        self.expert_load_window_step = (self.expert_load_window_step + 1) % self.config.window_size
+
+    def balancedness(self) -> dict[str, float]:
+        """This pass's ``avg_tokens`` and ``max_tokens`` across ranks and their ratio (a collective).
+
+        Per rank, tokens are summed over layers and local slots, as the seed logs them.
+        """
+        per_layer = self.expert_load_pass.sum(dim=-1).to("cpu", torch.float64)  # [L]
+        if self.control_group is not None:
+            rows = [torch.empty_like(per_layer) for _ in range(self.num_ranks)]
+            dist.all_gather(rows, per_layer, group=self.control_group)
+            table = torch.stack(rows)  # [R, L]
+        else:
+            table = per_layer.unsqueeze(0)
+        avg = float(table.mean(dim=0).sum())
+        top = float(table.max(dim=0).values.sum())
+        stats = {"avg_tokens": avg, "max_tokens": top, "balancedness": avg / top if top > 0 else 0.0}
+        if self.rank == 0:
+            logger.info(
+                "EPLB step: avg_tokens=%.2f, max_tokens=%d, balancedness=%.4f",
+                avg,
+                int(top),
+                stats["balancedness"],
+            )
+        self.last_stats = stats
+        return stats
+
+    # --- rearrangement ------------------------------------------------------------------------------
+    def global_load(self) -> torch.Tensor:
+        """``[num_moe_layers, num_logical_experts]`` int64: the window summed over passes and ranks.
+
+        A collective on the control group.
+        """
+        load = self.expert_load_window.sum(dim=0, dtype=torch.int64).cpu()
+        if self.control_group is not None:
+            dist.all_reduce(load, group=self.control_group)
+        return load
+
+    def rearrange(self) -> RearrangeReport:
+        """Plan a new placement from the window and move to it (a collective: all ranks call it).
+
+        Blocking (default): every changed layer moves before this returns. Incremental: the
+        first chunk moves now, the rest one per `step`. Raises `RearrangementError` if the move
+        failed; the layers' status (`layer_status`) is settled before it raises.
+        """
+        if self._pending is not None:
+            raise RearrangementError(
+                f"rearrangement #{self._pending.report.index} is still moving layers "
+                f"{[layer for c in self._pending.chunks for layer in c]}; call step() or finish() first."
+            )
+        if self.needs_new_group:
+            raise RearrangementError(
+                "a fault left the transfer group unusable; make a new group on every rank "
+                "(dist.new_group) and pass it to state.set_group() before the next rearrangement."
+            )
+        report = RearrangeReport(index=len(self._reports))
+        self._reports.append(report)
+        if self.rank == 0:
+            logger.info("Rearranging experts (#%d)...", report.index)
+        with _phase(report, "gather"):
+            load = self.global_load().numpy()
+        with _phase(report, "policy"):
+            target = self._plan_target(load)
+        with _phase(report, "agree"):
+            target = self._agree_target(target)
+        current = self._placement
+        report.balancedness_before = metrics.model_balancedness(load, current)
+        report.balancedness_after = metrics.model_balancedness(load, target)
+        changed = tuple(i for i in range(current.num_layers) if current.layers[i] != target.layers[i])
+        report.layers_planned = changed
+        report.slots_moved = metrics.slots_moved(current, target)
+        report.bytes_moved = report.slots_moved * expert_bytes(self.model)
+        self._status = [
+            LayerStatus.PENDING if i in set(changed) else LayerStatus.STABLE
+            for i in range(current.num_layers)
+        ]
+        self._pending = _Pending(target=target, chunks=self._chunks(changed), report=report)
+        if self.config.incremental:
+            self._advance()
+        else:
+            self.finish()
+        return report
+
+    def finish(self) -> RearrangeReport | None:
+        """Move every chunk still pending now (blocking); None if nothing was pending."""
+        report = None if self._pending is None else self._pending.report
+        while self._pending is not None:
+            self._advance()
+        return report
+
+    def _chunks(self, changed: Sequence[int]) -> list[tuple[int, ...]]:
+        size = self.config.layers_per_chunk
+        if size is None:
+            size = 1 if self.config.incremental else max(1, len(changed))
+        return [tuple(changed[i : i + size]) for i in range(0, len(changed), size)]
+
+    def _plan_target(self, load: np.ndarray[Any, Any]) -> ModelPlacement:
+        return rebalance(
+            load,
+            self.topology,
+            num_groups=self.model.num_expert_groups,
+            current=self._placement,
+            policy=self.config.policy if self.config.policy is not None else "migration_aware",
+            **self.config.policy_options,
+        )
+
+    def _agree_target(self, target: ModelPlacement) -> ModelPlacement:
+        """Every rank takes rank 0's target, so a policy that differs by a float on one rank
+        cannot split the ranks' maps."""
+        if self.control_group is None:
+            return target
+        p2l = torch.from_numpy(target.to_numpy())
+        dist.broadcast(p2l, group_src(self.control_group), group=self.control_group)
+        if torch.equal(p2l, torch.from_numpy(target.to_numpy())):
+            return target
+        logger.warning("rank %d: the policy's target differs from rank 0's; using rank 0's", self.rank)
+        return ModelPlacement.from_lists(
+            p2l.tolist(), num_ranks=self.num_ranks, num_logical_experts=target.num_logical_experts
+        )
+
+    def _advance(self) -> None:
+        """Move the next pending chunk; ends the rearrangement after the last one or a fault."""
+        pending = self._pending
+        assert pending is not None
+        report = pending.report
+        if not pending.chunks:
+            self._end(report)
+            return
+        chunk = pending.chunks.pop(0)
+        report.chunks += 1
+        try:
+            self._move_chunk(chunk, pending.target, report)
+        except RearrangementError:
+            # The rest of the rearrangement is dropped: its layers keep their old placement.
+            for layer in (layer for c in pending.chunks for layer in c):
+                self._status[layer] = LayerStatus.STABLE
+            self._end(report)
+            raise
+        if not pending.chunks:
+            self._end(report)
+
+    def _end(self, report: RearrangeReport) -> None:
+        self._pending = None
+        report.done = True
+        if self.rank == 0:
+            logger.info("Rearranged experts: %s", report)
+
+    def _move_chunk(self, chunk: tuple[int, ...], target: ModelPlacement, report: RearrangeReport) -> None:
+        """Compile, schedule, verify and run one chunk of layers; then vote, commit or restore."""
+        cur = ModelPlacement(layers=[self._placement.layers[i] for i in chunk])
+        tgt = ModelPlacement(layers=[target.layers[i] for i in chunk])
+        weights = [list(self.model.expert_weights[i]) for i in chunk]
+        with _phase(report, "compile"):
+            plan = compile_plan(cur, tgt, self.topology, expert_bytes(self.model))
+        with _phase(report, "schedule"):
+            sched = schedule_plan(plan, self.config.limits)
+        with _phase(report, "verify"):
+            verify(sched)
+        with _phase(report, "select"):
+            executor = self.executor()
+        backup: list[_Backup] | None = None
+        if self.config.rollback:
+            with _phase(report, "backup"):
+                backup = [
+                    _Backup.take(weights[i], slots, self.config.backup_device)
+                    for i, slots in enumerate(_written_slots(sched, self.rank))
+                ]
+        completed = [True] * len(chunk)
+        untouched = [True] * len(chunk)
+        error: BaseException | None = None
+        with _phase(report, "execute"):
+            try:
+                # verified=True: verify() ran above, and its time is its own phase.
+                executor.run(
+                    sched, weights, self.group, rank=None if self.group is None else self.rank, verified=True
+                )
+                untouched = [False] * len(chunk)
+            except ExecutionError as exc:
+                error = exc
+                completed = [i in set(exc.completed_layers) for i in range(len(chunk))]
+                untouched = [i in set(exc.untouched_layers) for i in range(len(chunk))]
+            except Exception as exc:  # a backend bug or a broken group: nothing is known
+                error = exc
+                completed = [False] * len(chunk)
+                untouched = [False] * len(chunk)
+        with _phase(report, "vote"):
+            completed, untouched, any_error = self._vote(completed, untouched, error is not None)
+        phase = "restore" if any_error else "commit"
+        with _phase(report, phase):
+            for i, layer in enumerate(chunk):
+                if completed[i]:
+                    self._commit_layer(layer, target.layers[layer])
+                    self._status[layer] = LayerStatus.MIGRATED
+                    report.layers_migrated.append(layer)
+                elif backup is not None:
+                    backup[i].restore(weights[i])
+                    self._status[layer] = LayerStatus.ROLLED_BACK
+                    report.layers_rolled_back.append(layer)
+                elif untouched[i]:
+                    self._status[layer] = LayerStatus.ROLLED_BACK
+                    report.layers_rolled_back.append(layer)
+                else:
+                    self._status[layer] = LayerStatus.CORRUPT
+                    report.layers_corrupt.append(layer)
+        if any_error:
+            if self.group is not None and not isinstance(error, ExecutionError | None):
+                # A transport error or timeout may leave the group's connections closed (gloo
+                # closes the pair on a timeout), so it must not carry the next rearrangement.
+                self.needs_new_group = True
+            what = f"{type(error).__name__}: {error}" if error is not None else "a fault on another rank"
+            report.error = what
+            corrupt = (
+                f"; layers {report.layers_corrupt} are CORRUPT: reload their weights"
+                if (report.layers_corrupt)
+                else ""
+            )
+            raise RearrangementError(
+                f"rank {self.rank}: rearrangement #{report.index} failed moving layers {list(chunk)} "
+                f"({what}); layers moved: {report.layers_migrated}, rolled back to their old placement "
+                f"and weights: {report.layers_rolled_back}{corrupt}. The model serves correctly on "
+                "every other layer; the next rearrangement re-plans from here."
+            ) from error
+
+    def _vote(
+        self, completed: list[bool], untouched: list[bool], failed: bool
+    ) -> tuple[list[bool], list[bool], bool]:
+        """All ranks agree: a layer is complete (or untouched) only if it is on every rank."""
+        if self.control_group is None:
+            return completed, untouched, failed
+        flags = torch.tensor([*completed, *untouched, not failed], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.control_group)
+        n = len(completed)
+        out = [bool(x) for x in flags.tolist()]
+        return out[:n], out[n : 2 * n], not out[-1]
+
+    def _commit_layer(self, layer: int, placement: Placement) -> None:
+        # copy_ into the existing rows: the tensors' storage (seen by CUDA graphs) never changes.
+        self.physical_to_logical_map[layer].copy_(torch.tensor(placement.physical_to_logical))
+        self.logical_to_physical_map[layer].copy_(torch.tensor(placement.logical_to_physical))
+        self.logical_replica_count[layer].copy_(torch.tensor(placement.replica_count))
+        layers = list(self._placement.layers)
+        layers[layer] = placement
+        self._placement = ModelPlacement(layers=layers)
+
+    def executor(self) -> Executor:
+        """The executor this state runs (chosen once: `RuntimeConfig.executor`, else the topology's)."""
+        if self._executor is None:
+            choice = self.config.executor
+            if isinstance(choice, Executor):
+                self._executor = choice
+            else:
+                if choice is None and self.group is None:
+                    choice = "local"  # one process holds every rank: nothing to transport
+                self._executor = select_executor(
+                    self.topology,
+                    choice,
+                    device_type=self.device.type,
+                    config=self.config.executor_config,
+                )
+        return self._executor
+
+    # --- profile run ---------------------------------------------------------------------------
+    def profile(self) -> RearrangeReport:
+        """Reserve the peak memory of a rearrangement and open every peer connection, ahead.
+
+        Runs a real migration to a placement where every rank sends to every other rank and back
+        (weights end where they started), through the configured executor, with the largest
+        backup a chunk can need. Afterwards the allocator holds the memory and the transport its
+        connections, so the first real rearrangement costs what later ones do.
+        """
+        report = RearrangeReport(index=len(self._reports), profile=True)
+        self._reports.append(report)
+        t0 = time.perf_counter()
+        size = self.config.layers_per_chunk or (1 if self.config.incremental else self._placement.num_layers)
+        chunk = tuple(range(min(size, self._placement.num_layers)))
+        if self.config.rollback:
+            with _phase(report, "backup"):
+                # Every local slot of a full chunk: the most any chunk can overwrite.
+                for i in chunk:
+                    _Backup.take(
+                        list(self.model.expert_weights[i]),
+                        range(self.topology.slots_per_rank),
+                        self.config.backup_device,
+                    )
+        if self.num_ranks > 1:
+            executor = self.executor()
+            warmup = getattr(executor, "warmup", None)
+            if warmup is not None:
+                with _phase(report, "warmup"):
+                    warmup(self.topology, self.group, device=self.device)
+            original = self._placement
+            saved_status = list(self._status)
+            try:
+                # Two real moves through the configured executor: to the shuffle and back.
+                for tgt in (_all_peer_placement(original), original):
+                    self._move_chunk(chunk, tgt, report)
+            finally:
+                self._status = saved_status
+            report.layers_migrated.clear()
+        report.done = True
+        if self.rank == 0:
+            logger.info("EPLB profile run done in %.3f s: %s", time.perf_counter() - t0, report)
+        return report
+
+
+def group_src(group: Any) -> int:
+    """The global rank of ``group``'s rank 0 (broadcast takes global ranks)."""
+    return int(dist.get_global_rank(group, 0))
+
+
+def _all_peer_placement(placement: ModelPlacement) -> ModelPlacement:
+    """Every layer's slots rotated so slot ``k`` of rank ``r`` moves to rank ``(r + 1 + k) % R``:
+    with ``S >= R - 1`` slots each rank sends to every peer; the multiset of experts is kept, so
+    the result is a valid placement."""
+    r, s = placement.num_ranks, placement.slots_per_rank
+    layers = []
+    for layer in placement.layers:
+        p2l = layer.physical_to_logical
+        # Slot k of every rank goes to a distinct rank, so each rank receives exactly s slots.
+        out = [-1] * len(p2l)
+        for p, e in enumerate(p2l):
+            src, k = divmod(p, s)
+            out[(src + 1 + k) % r * s + k] = e
+        layers.append(attrs.evolve(layer, physical_to_logical=out))
+    return ModelPlacement(layers=layers)
+
+
+def _written_slots(sched: Schedule, rank: int) -> list[list[int]]:
+    """``[num_layers]``: the slots of ``rank`` that some op of the schedule overwrites."""
+    out: list[set[int]] = [set() for _ in range(sched.plan.num_layers)]
+    for op in sched.ops():
+        if op.rank != rank:
+            continue
+        dst = getattr(op, "dst", None)
+        if dst is not None and not dst.is_buffer:
+            out[op.layer].add(dst.index)
+    return [sorted(s) for s in out]
+
+
+@attrs.define
+class _Backup:
+    """Copies of some slots of one layer (all its tensors), to restore after a fault."""
+
+    slots: torch.Tensor
+    tensors: list[torch.Tensor]
+
+    @classmethod
+    def take(
+        cls, weights: Sequence[torch.Tensor], slots: Sequence[int] | range, device: str | None
+    ) -> _Backup:
+        idx = torch.tensor(list(slots), dtype=torch.long, device=weights[0].device)
+        return cls(
+            slots=idx,
+            tensors=[w.index_select(0, idx).to(device or w.device) for w in weights],
+        )
+
+    def restore(self, weights: Sequence[torch.Tensor]) -> None:
+        if self.slots.numel() == 0:
+            return
+        for w, saved in zip(weights, self.tensors, strict=True):
+            w.index_copy_(0, self.slots, saved.to(w.device))
+
+
+@contextlib.contextmanager
+def _phase(report: RearrangeReport, name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.add_time(name, time.perf_counter() - t0)

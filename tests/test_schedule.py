@@ -1,0 +1,233 @@
+"""Tier 1 (pure Python): compile + schedule of random placement pairs verifies and respects limits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eplb.ir import ModelPlacement, PlanError, Schedule, ScheduleLimits, Send, Topology, dumps, loads
+from eplb.planner.compile import compile_plan
+from eplb.planner.cost import layer_costs, predict_seconds
+from eplb.planner.schedule import default_limits, layer_lower_bound, rounds_lower_bound, schedule
+from eplb.planner.verify import verify
+from tests.strategies import model_placements
+
+Draw = Any
+
+
+@st.composite
+def cases(draw: Draw) -> tuple[ModelPlacement, ModelPlacement, Topology]:
+    """1-16 ranks on 1-4 nodes, 1-8 slots; current and target may span different rank counts."""
+    nodes = draw(st.sampled_from([1, 2, 4]))
+    num_ranks = nodes * draw(st.integers(1, 16 // nodes))
+    slots = draw(st.integers(1, 8))
+    r_cur, r_tgt = draw(st.integers(1, num_ranks)), draw(st.integers(1, num_ranks))
+    experts = draw(st.integers(1, min(r_cur, r_tgt) * slots))
+    layers = draw(st.integers(1, 3))
+    kw = {"num_layers": layers, "slots_per_rank": slots, "num_logical_experts": experts}
+    current = draw(model_placements(num_ranks=r_cur, **kw))
+    if draw(st.booleans()):
+        target = draw(model_placements(num_ranks=r_tgt, **kw))
+    else:  # a few swaps away: cycles and replicas gained and lost on one rank
+        rows = [list(p.physical_to_logical) for p in current.layers]
+        for row in rows:
+            for _ in range(draw(st.integers(0, 4))):
+                i, j = draw(st.integers(0, len(row) - 1)), draw(st.integers(0, len(row) - 1))
+                row[i], row[j] = row[j], row[i]
+        target = ModelPlacement.from_lists(rows, num_ranks=r_cur, num_logical_experts=experts)
+    return current, target, Topology.uniform(num_ranks, slots, nodes)
+
+
+limits_st = st.builds(
+    ScheduleLimits,
+    max_peers_per_round=st.sampled_from([None, 1, 2, 3]),
+    max_ops_per_group=st.sampled_from([256, 256, 1, 2, 5]),
+)
+
+
+def peers_and_ops(s: Schedule) -> tuple[int, int]:
+    most_peers = most_ops = 0
+    for rnd in s.rounds:
+        peers: dict[int, set[int]] = {}
+        ops: dict[int, int] = {}
+        for op in rnd.transfers:
+            peers.setdefault(op.rank, set()).add(op.peer)
+            ops[op.rank] = ops.get(op.rank, 0) + 1
+        most_peers = max([most_peers, *map(len, peers.values())])
+        most_ops = max([most_ops, *ops.values()])
+    return most_peers, most_ops
+
+
+@given(cases(), limits_st)
+def test_schedule_verifies_and_keeps_limits(
+    case: tuple[ModelPlacement, ModelPlacement, Topology], limits: ScheduleLimits
+) -> None:
+    current, target, topo = case
+    s = schedule(compile_plan(current, target, topo, expert_bytes=1000), limits)
+    verify(s)
+    peers, ops = peers_and_ops(s)
+    assert limits.max_peers_per_round is None or peers <= limits.max_peers_per_round
+    assert ops <= limits.max_ops_per_group
+    assert s.rounds_lower_bound == rounds_lower_bound(s.plan, limits) <= max(s.num_rounds, 0)
+    assert loads(dumps(s), Schedule) == s
+
+
+@given(cases(), st.sampled_from([None, 1, 2, 3]))
+def test_rounds_within_one_of_lower_bound(
+    case: tuple[ModelPlacement, ModelPlacement, Topology], peers: int | None
+) -> None:
+    """With the op limit not binding: whole model (layers sharing rounds) and every layer alone."""
+    current, target, topo = case
+    limits = ScheduleLimits(max_peers_per_round=peers)
+    plan = compile_plan(current, target, topo, expert_bytes=1000)
+    s = schedule(plan, limits)
+    assert s.num_rounds <= s.rounds_lower_bound + 1
+    for layer in range(plan.num_layers):
+        one = compile_plan(
+            ModelPlacement(layers=[current.layers[layer]]),
+            ModelPlacement(layers=[target.layers[layer]]),
+            topo,
+            1000,
+        )
+        alone = schedule(one, limits)
+        assert alone.num_rounds <= layer_lower_bound(one, 0, limits) + 1
+
+
+@given(cases())
+def test_staging_limit_is_kept(case: tuple[ModelPlacement, ModelPlacement, Topology]) -> None:
+    current, target, topo = case
+    plan = compile_plan(current, target, topo, expert_bytes=10)
+    s = schedule(plan)  # default: one layer of staging
+    assert s.staging_bytes_per_rank <= topo.slots_per_rank * 10
+    verify(s)
+
+
+def test_layers_share_rounds_on_one_node() -> None:
+    """Small migrations of many layers fit one NCCL group, not one round per layer."""
+    topo = Topology.uniform(4, 2)
+    cur = ModelPlacement.trivial(num_layers=10, num_logical_experts=6, num_physical_experts=8, num_ranks=4)
+    tgt = ModelPlacement.from_lists([[0, 1, 2, 3, 4, 5, 2, 3]] * 10, num_ranks=4)  # rank 3's replicas move
+    s = schedule(compile_plan(cur, tgt, topo, 100))
+    verify(s)
+    assert (s.num_rounds, s.rounds_lower_bound, s.staging_buffers_per_rank) == (1, 1, 0)
+
+
+def test_staging_budget_splits_layers_into_windows() -> None:
+    """A cross-rank swap per layer stages one buffer on each side; a one-layer budget (2 slots)
+    lets two layers share a round."""
+    topo = Topology.uniform(4, 2)
+    cur = ModelPlacement.trivial(num_layers=10, num_logical_experts=8, num_physical_experts=8, num_ranks=4)
+    tgt = ModelPlacement.from_lists([[2, 1, 0, 3, 4, 5, 6, 7]] * 10, num_ranks=4)
+    s = schedule(compile_plan(cur, tgt, topo, 100))
+    verify(s)
+    assert (s.num_rounds, s.staging_buffers_per_rank) == (5, 2)
+    unlimited = schedule(s.plan, ScheduleLimits())
+    assert (unlimited.num_rounds, unlimited.staging_buffers_per_rank) == (1, 10)
+
+
+def test_default_limits_follow_the_link_class() -> None:
+    cur = ModelPlacement.trivial(num_layers=1, num_logical_experts=8, num_physical_experts=8, num_ranks=4)
+    one_node = compile_plan(cur, cur, Topology.uniform(4, 2, 1), 7)
+    two_nodes = compile_plan(cur, cur, Topology.uniform(4, 2, 2), 7)
+    assert default_limits(one_node).max_peers_per_round is None
+    assert default_limits(two_nodes).max_peers_per_round is not None
+    assert default_limits(one_node).staging_bytes_per_rank == 2 * 7
+
+
+def test_one_peer_rounds_are_an_edge_colouring() -> None:
+    """Every rank sends to every other: K_n needs n-1 rounds (n even) at one peer per round."""
+    n = 6
+    topo = Topology.uniform(n, n)
+    cur = ModelPlacement.trivial(
+        num_layers=1, num_logical_experts=n * n, num_physical_experts=n * n, num_ranks=n
+    )
+    # Rank r's slot j goes to rank j: every ordered pair of ranks exchanges one expert.
+    tgt_row = [0] * (n * n)
+    for r in range(n):
+        for j in range(n):
+            tgt_row[j * n + r] = r * n + j
+    tgt = ModelPlacement.from_lists([tgt_row], num_ranks=n)
+    s = schedule(compile_plan(cur, tgt, topo, 1), ScheduleLimits(max_peers_per_round=1))
+    verify(s)
+    assert s.rounds_lower_bound == n - 1 and s.num_rounds <= n
+
+
+def test_staging_budget_too_small_is_an_error() -> None:
+    topo = Topology.uniform(2, 1)
+    cur = ModelPlacement.from_lists([[0, 1]], num_ranks=2)
+    tgt = ModelPlacement.from_lists([[1, 0]], num_ranks=2)  # a swap across ranks needs staging
+    plan = compile_plan(cur, tgt, topo, 100)
+    with pytest.raises(PlanError, match=r"raise staging_bytes_per_rank to at least 100"):
+        schedule(plan, ScheduleLimits(staging_bytes_per_rank=50))
+
+
+def test_predicted_time_counts_latency_and_bytes() -> None:
+    topo = Topology.uniform(2, 1, 2)  # two nodes: 45 GB/s between them
+    cur = ModelPlacement.from_lists([[0, 1]], num_ranks=2)
+    tgt = ModelPlacement.from_lists([[1, 0]], num_ranks=2)
+    s = schedule(compile_plan(cur, tgt, topo, 45_000_000), ScheduleLimits())
+    # one round: each rank sends and receives one 45 MB expert over 45 GB/s = 1 ms, plus 50 us.
+    assert predict_seconds(s) == pytest.approx(1e-3 + 50e-6)
+    (row,) = layer_costs(s)
+    assert (row.transfers, row.rounds, row.rounds_lower_bound) == (2, 1, 1)
+    assert row.predicted_seconds == pytest.approx(predict_seconds(s))
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def run_cli(module: Any, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    module.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def write(path: Path, value: Any) -> str:
+    path.write_text(dumps(value))
+    return str(path)
+
+
+def test_cli_plan_inspect_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eplb.cli import inspect as inspect_cli
+    from eplb.cli import plan as plan_cli
+    from eplb.cli import verify as verify_cli
+
+    cur = ModelPlacement.trivial(num_layers=2, num_logical_experts=6, num_physical_experts=8, num_ranks=4)
+    tgt = ModelPlacement.from_lists([[5, 4, 3, 2, 1, 0, 0, 1]] * 2, num_ranks=4)
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--current", "trivial", "--target", write(tmp_path / "t.json", tgt)]
+    argv += ["--ranks", "4", "--nodes", "2", "--expert-bytes", "1000", "--max-peers", "1", "--out", str(out)]
+    assert run_cli(plan_cli, argv) == 0
+    s = loads(out.read_text(), Schedule)
+    assert s.plan.current == cur and s.limits.max_peers_per_round == 1
+    assert run_cli(verify_cli, ["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert run_cli(inspect_cli, ["inspect", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["transfers"] == s.plan.transfers and doc["rounds"] == s.num_rounds
+    for key in (
+        "local_copies",
+        "bytes_moved",
+        "rounds_lower_bound",
+        "max_staging_bytes_per_rank",
+        "predicted_seconds",
+    ):
+        assert key in doc
+    assert run_cli(inspect_cli, ["inspect", str(out)]) == 0
+    assert "total" in capsys.readouterr().out
+
+    # A corrupted plan: drop one Send; `eplb verify` exits 1 and lists the violations.
+    rounds = list(s.rounds)
+    first = rounds[0]
+    dropped = next(op for op in first.transfers if isinstance(op, Send))
+    import attrs
+
+    rounds[0] = attrs.evolve(first, transfers=[op for op in first.transfers if op is not dropped])
+    write(tmp_path / "bad.json", attrs.evolve(s, rounds=rounds))
+    assert run_cli(verify_cli, ["verify", str(tmp_path / "bad.json")]) == 1
+    assert "unmatched" in capsys.readouterr().err
