@@ -206,7 +206,7 @@ class RunContext:
         self.group = group
         self.weights = weights
         self.device = device
-        first = next(iter(weights.values()))[0]
+        first = next(iter(weights.values()))[0] if weights else []
         self.num_tensors = len(first)
         # Shape, dtype and bytes of tensor k of one expert (one slot), identical across layers.
         self.expert_shapes = tuple(tuple(t.shape[1:]) for t in first)
@@ -305,16 +305,25 @@ class Executor(abc.ABC):
                 f"{schedule.plan.topology.num_ranks}; run one process per rank of the topology."
             )
         me = dist.get_rank(group) if rank is None else rank
-        check_weights(schedule, weights, f"rank {me}: weights")
-        ctx = RunContext(
-            schedule=schedule, rank=me, group=group, weights={me: weights}, device=weights[0][0].device
-        )
         failure: _Failure | None = None
         try:
-            try:
-                self.setup(ctx)
-            except Exception as exc:
-                failure = _Failure(-1, _SETUP, 0, exc)
+            check_weights(schedule, weights, f"rank {me}: weights")
+            ctx = RunContext(
+                schedule=schedule, rank=me, group=group, weights={me: weights}, device=weights[0][0].device
+            )
+        except Exception as exc:
+            # Still join the agreement below, so every rank fails instead of waiting on this one.
+            failure = _Failure(-1, _SETUP, 0, exc)
+            default = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            ctx = RunContext(
+                schedule=schedule, rank=me, group=group, weights={}, device=default or torch.device("cpu")
+            )
+        try:
+            if failure is None:
+                try:
+                    self.setup(ctx)
+                except Exception as exc:
+                    failure = _Failure(-1, _SETUP, 0, exc)
             self._agree(ctx, failure)  # always: a failure here leaves every layer untouched
             setup_seconds = time.perf_counter() - t_start
             round_seconds = []

@@ -11,6 +11,8 @@ from eplb.ir.errors import InvalidValueError
 
 
 def non_negative(_inst: object, attr: Any, value: int) -> None:
+    if type(value) is int and value >= 0:  # fast path: plans hold ~1e5 of these
+        return
     _check_int(attr.name, value)
     if value < 0:
         raise InvalidValueError(attr.name, f"must be >= 0 (got {value}).")

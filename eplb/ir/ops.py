@@ -25,7 +25,7 @@ __all__ = ["Copy", "Loc", "Op", "Recv", "Send", "Transfer"]
 _LOC_RE = re.compile(r"^([sb])(0|[1-9][0-9]*)$")
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class Loc:
     """A rank-local location: ``Loc('slot', 3)`` is ``s3``, ``Loc('buffer', 0)`` is ``b0``."""
 
@@ -34,11 +34,17 @@ class Loc:
 
     @classmethod
     def slot(cls, index: int) -> Loc:
-        return cls("slot", index)
+        loc = _SLOTS.get(index)
+        if loc is None:
+            loc = _SLOTS[index] = cls("slot", index)
+        return loc
 
     @classmethod
     def buffer(cls, index: int) -> Loc:
-        return cls("buffer", index)
+        loc = _BUFFERS.get(index)
+        if loc is None:
+            loc = _BUFFERS[index] = cls("buffer", index)
+        return loc
 
     @classmethod
     def parse(cls, text: str) -> Loc:
@@ -48,7 +54,8 @@ class Loc:
             raise InvalidValueError(
                 "", f"must be a location like 's3' (slot 3) or 'b0' (staging buffer 0) (got {text!r})."
             )
-        return cls("slot" if m.group(1) == "s" else "buffer", int(m.group(2)))
+        index = int(m.group(2))
+        return cls.slot(index) if m.group(1) == "s" else cls.buffer(index)
 
     @property
     def is_buffer(self) -> bool:
@@ -56,6 +63,11 @@ class Loc:
 
     def __str__(self) -> str:
         return f"{self.kind[0]}{self.index}"
+
+
+# Interned locations: a plan holds ~1e5 of them, values are few and immutable.
+_SLOTS: dict[int, Loc] = {}
+_BUFFERS: dict[int, Loc] = {}
 
 
 def _other_rank(inst: Send | Recv, attr: attrs.Attribute[int], value: int) -> None:
