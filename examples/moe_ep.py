@@ -101,10 +101,11 @@ class ExpertParallelMoE(torch.nn.Module):
         num_ranks: int,
         group: dist.ProcessGroup | None = None,
         placement: ModelPlacement | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.cfg, self.rank, self.num_ranks, self.group = cfg, rank, num_ranks, group
-        w = logical_weights(cfg)
+        w = {k: v.to(device) for k, v in logical_weights(cfg).items()}
         self.router, self.bias = w["router"], w["bias"]
         s = cfg.slots_per_rank
         if placement is None:
@@ -117,7 +118,7 @@ class ExpertParallelMoE(torch.nn.Module):
         self._w1: list[torch.Tensor] = []
         self._w2: list[torch.Tensor] = []
         for layer in range(cfg.num_layers):
-            mine = torch.tensor(placement.layers[layer].rank_slots(rank))
+            mine = torch.tensor(placement.layers[layer].rank_slots(rank), device=device)
             self._w1.append(w["w1"][layer][mine].contiguous())
             self._w2.append(w["w2"][layer][mine].contiguous())
         self._load_pass: torch.Tensor | None = None
@@ -177,7 +178,7 @@ class ExpertParallelMoE(torch.nn.Module):
         else:
             x_all = x
         first = self.rank * s
-        scratch = torch.zeros(s, dtype=self._load_pass.dtype)
+        scratch = torch.zeros(s, dtype=self._load_pass.dtype, device=x.device)
         for layer in range(self.cfg.num_layers):
             gate, ids = _gate(x_all, self.router[layer], self.bias[layer], self.cfg.top_k)
             load = self._load_pass[layer] if record else scratch
@@ -185,7 +186,7 @@ class ExpertParallelMoE(torch.nn.Module):
             local = physical - first
             mine = (local >= 0) & (local < s)
             # dispatch[t, slot]: gate weight of token t's picks that land on local slot `slot`.
-            dispatch = torch.zeros(x_all.shape[0], s, dtype=x_all.dtype)
+            dispatch = torch.zeros(x_all.shape[0], s, dtype=x_all.dtype, device=x.device)
             dispatch.scatter_add_(1, local.clamp(0, s - 1), gate * mine)
             hidden = torch.nn.functional.silu(torch.einsum("nh,shf->snf", x_all, self._w1[layer]))
             y = torch.einsum("snf,sfh->snh", hidden, self._w2[layer])

@@ -141,7 +141,7 @@ def _torch_reference(weight: Any, num_replicas: int, num_groups: int, num_nodes:
         ).flatten(-2)
         mlog2log = inverse(log2mlog)
         tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, num_log // num_nodes)
-        phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_phy // num_nodes)
+        phy2mlog, _phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_phy // num_nodes)
         tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
         pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
         pphy2phy = inverse(pack_index * per_gpu + rank_in_pack)
@@ -158,12 +158,12 @@ def _torch_reference(weight: Any, num_replicas: int, num_groups: int, num_nodes:
     return hierarchical(weight, num_replicas, 1, 1, num_gpus)
 
 
-@settings(max_examples=25)
+@settings(max_examples=50)
 @given(cases(max_ranks=8, max_slots=4), st.integers(0, 2**32 - 1))
 def test_deepseek_port_matches_torch_reference(case: Any, seed: int) -> None:
     pytest.importorskip("torch")
-    _, topo, groups = case
-    num_e = _[0].size if False else case[0].shape[1]
+    drawn, topo, groups = case
+    num_e = drawn.shape[1]
     # Continuous loads: no two experts tie, where torch's unstable sort and ours may differ.
     load = np.random.default_rng(seed).lognormal(0, 1, (2, num_e)).astype(np.float32)
     ours = get_policy("deepseek")(load.astype(np.float64), topo, num_groups=groups)
@@ -185,7 +185,6 @@ def test_every_policy_is_valid_pure_and_deterministic(case: Any, name: str) -> N
     assert rebalance(load, topo, num_groups=groups, policy=name) == out
 
 
-@settings(max_examples=100)
 @given(cases())
 def test_balanced_never_below_deepseek(case: Any) -> None:
     load, topo, groups = case
@@ -273,7 +272,7 @@ def test_migration_aware_moves_few_slots_after_small_drift() -> None:
     drifted = load * rng.lognormal(0, 0.05, load.shape)
     fresh = rebalance(drifted, topo, num_groups=8)
     out = rebalance(drifted, topo, num_groups=8, current=current)
-    assert metrics.slots_moved(current, out) < metrics.slots_moved(current, fresh) / 4
+    assert metrics.slots_moved(current, out) < metrics.slots_moved(current, fresh) / 2
     assert metrics.model_balancedness(drifted, out) >= metrics.model_balancedness(drifted, fresh) - 0.01
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eplb.ir import ModelPlacement, PlanError, Schedule, ScheduleLimits, Send, Topology, dumps, loads
+from eplb.ir import ModelPlacement, PlanError, Recv, Schedule, ScheduleLimits, Send, Topology, dumps, loads
 from eplb.planner.compile import compile_plan
 from eplb.planner.cost import layer_costs, predict_seconds
 from eplb.planner.schedule import default_limits, layer_lower_bound, rounds_lower_bound, schedule
@@ -129,6 +129,22 @@ def test_staging_budget_splits_layers_into_windows() -> None:
     assert (s.num_rounds, s.staging_buffers_per_rank) == (5, 2)
     unlimited = schedule(s.plan, ScheduleLimits())
     assert (unlimited.num_rounds, unlimited.staging_buffers_per_rank) == (1, 10)
+
+
+def test_ordering_instead_of_staging() -> None:
+    """r0's slot s0 sends e0 to r1 and receives e2 from r2. The plan stages the Recv; at one peer
+    per round the Send goes first and the Recv lands straight in s0: no staging at all."""
+    topo = Topology.uniform(3, 2)
+    cur = ModelPlacement.from_lists([[0, 1, 3, 3, 2, 2]], num_ranks=3)
+    tgt = ModelPlacement.from_lists([[2, 1, 0, 3, 2, 2]], num_ranks=3)
+    plan = compile_plan(cur, tgt, topo, 10)
+    assert any(op.dst.is_buffer for op in plan.ops() if isinstance(op, Recv))
+    s = schedule(plan, ScheduleLimits(max_peers_per_round=1))
+    verify(s)
+    assert (s.num_rounds, s.rounds_lower_bound, s.staging_buffers_per_rank) == (2, 2, 0)
+    (land,) = [op for r in s.rounds for op in r.transfers if isinstance(op, Recv) and op.dst_rank == 0]
+    assert str(land.dst) == "s0"
+    assert not any(r.before or r.after for r in s.rounds)
 
 
 def test_default_limits_follow_the_link_class() -> None:

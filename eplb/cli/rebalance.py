@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="migration_aware: balancedness points to give up for fewer moves (default 0.01)",
+        help="migration_aware: balancedness points to give up for fewer moves (default 0.005)",
     )
     p.add_argument(
         "--global",

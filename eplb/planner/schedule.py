@@ -107,78 +107,16 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
     budget = None
     if limits.staging_bytes_per_rank is not None:
         budget = limits.staging_bytes_per_rank // plan.expert_bytes
-
-    # --- windows: consecutive units that share rounds ----------------------------------------
     units = [u for lay in layers for u in lay.units]
-    windows: list[list[_Unit]] = []
-    w_pairs: list[_Pair] = []
-    w_bufs: dict[int, int] = defaultdict(int)
-    w_layers: set[int] = set()
-    w_bound = 0
-    for unit in units:
-        u_bound = _bound(unit.pairs, limits)
-        bufs = layers[unit.layer].buffers if unit.layer not in w_layers else {}
-        fits = (
-            windows
-            and unit.layer not in w_layers  # a layer's next level starts a new window
-            and (budget is None or all(w_bufs[r] + n <= budget for r, n in bufs.items()))
-            and _bound(w_pairs + unit.pairs, limits) <= w_bound + u_bound
-        )
-        if fits:
-            windows[-1].append(unit)
-            w_pairs += unit.pairs
-            w_bound = _bound(w_pairs, limits)
-        else:
-            windows.append([unit])
-            w_pairs, w_bound, w_bufs, w_layers = list(unit.pairs), u_bound, defaultdict(int), set()
-        w_layers.add(unit.layer)
-        for r, n in bufs.items():
-            w_bufs[r] += n
 
-    # --- rounds of each window ---------------------------------------------------------------
-    num_ranks = plan.topology.num_ranks
-    rounds: list[list[_Pair]] = []
-    first_round: dict[tuple[int, int], int] = {}  # (layer, level) -> first round of its window
-    for window in windows:
-        pairs = [p for u in window for p in u.pairs]
-        assignment = _colour(pairs, limits, num_ranks)
-        base = len(rounds)
-        rounds.extend([] for _ in range(max(assignment, default=-1) + 1))
-        for p, k in zip(pairs, assignment, strict=True):
-            p.round = base + k
-            rounds[base + k].append(p)
-        for u in window:
-            first_round[(u.layer, u.level)] = base
-    if not rounds and any(lay.copies for lay in layers):
-        rounds.append([])  # a plan of local copies only still needs one round to hold them
-
-    # --- copies: after the rank's last transfer of their unit, or before its first -------------
-    before: list[list[Copy]] = [[] for _ in rounds]
-    after: list[list[Copy]] = [[] for _ in rounds]
-    for li, lay in enumerate(layers):
-        last: dict[tuple[int, int], int] = {}
-        for u in lay.units:
-            for p in u.pairs:
-                for r in (p.send.src_rank, p.recv.dst_rank):
-                    last[(u.level, r)] = max(last.get((u.level, r), -1), p.round)
-        for level, c in lay.copies:
-            at = last.get((level, c.rank))
-            if at is not None:
-                after[at].append(c)
-            else:
-                before[first_round.get((li, max(level, 0)), 0)].append(c)
-
-    # --- transfers in a fixed order; both sides of a pair list them alike ----------------------
-    transfers: list[list[Transfer]] = []
-    for rnd in rounds:
-        rnd.sort(key=lambda p: (p.send.layer, p.send.transfer_id))
-        transfers.append([op for p in rnd for op in (p.send, p.recv)])
-
-    pool, before, transfers, after = _rename_buffers(before, transfers, after)
-    out_rounds = tuple(
-        Round(before=b, transfers=t, after=a)  # type: ignore[arg-type]  # attrs converter=tuple
-        for b, t, a in zip(before, transfers, after, strict=True)
-    )
+    # Windows by the round bound and an estimate of their staging; what they really hold (after
+    # direct landing and early unstaging) is known only once rounds exist. Over the budget:
+    # windows that bound the staging each layer's plan names, which always fit when every layer
+    # fits alone.
+    built = _build(plan, layers, _windows(units, layers, limits, budget, spread=True), limits)
+    if budget is not None and built[0] > budget:
+        built = _build(plan, layers, _windows(units, layers, limits, budget, spread=False), limits)
+    pool, before, transfers, after = built
     if budget is not None and pool > budget:
         raise PlanError(
             "plan needs more staging than the limits allow",
@@ -191,15 +129,233 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
                 )
             ],
         )
+    out_rounds = tuple(
+        Round(before=b, transfers=t, after=a)  # type: ignore[arg-type]  # attrs converter=tuple
+        for b, t, a in zip(before, transfers, after, strict=True)
+    )
     depth = max((len(lay.units) for lay in layers), default=0)
-    all_pairs = [p for u in units for p in u.pairs]
     return Schedule(
         plan=plan,
         limits=limits,
         rounds=out_rounds,  # type: ignore[arg-type]  # attrs converter=tuple
-        rounds_lower_bound=max(_bound(all_pairs, limits), depth),
+        rounds_lower_bound=max(_bound([p for u in units for p in u.pairs], limits), depth),
         staging_buffers_per_rank=pool,
     )
+
+
+class _Tally:
+    """Transfer ops and distinct peers per rank of a growing set of pairs: its round bound."""
+
+    def __init__(self, limits: ScheduleLimits) -> None:
+        self.m, self.k = limits.max_ops_per_group, limits.max_peers_per_round
+        self.ops: dict[int, int] = defaultdict(int)
+        self.peers: dict[int, set[int]] = defaultdict(set)
+        self.bound = 0
+
+    def bound_with(self, pairs: Sequence[_Pair]) -> int:
+        """The bound if ``pairs`` were added (nothing is added)."""
+        ops: dict[int, int] = defaultdict(int)
+        new: dict[int, set[int]] = defaultdict(set)
+        for p in pairs:
+            a, b = p.send.src_rank, p.recv.dst_rank
+            ops[a] += 1
+            ops[b] += 1
+            if b not in self.peers[a]:
+                new[a].add(b)
+                new[b].add(a)
+        best = self.bound
+        m, k = self.m, self.k
+        for r, n in ops.items():
+            best = max(best, _ceil(self.ops[r] + n, m))
+        if k is not None:
+            for r, s in new.items():
+                best = max(best, _ceil(len(self.peers[r]) + len(s), k))
+        return best
+
+    def add(self, pairs: Sequence[_Pair]) -> None:
+        self.bound = self.bound_with(pairs)
+        for p in pairs:
+            a, b = p.send.src_rank, p.recv.dst_rank
+            self.ops[a] += 1
+            self.ops[b] += 1
+            self.peers[a].add(b)
+            self.peers[b].add(a)
+
+
+def _windows(
+    units: list[_Unit], layers: list[_Layer], limits: ScheduleLimits, budget: int | None, *, spread: bool
+) -> list[list[_Unit]]:
+    """Consecutive units that share rounds: while the union's bound is no worse than the sum of
+    the parts' and (with ``budget``) the staging their plans name fits it; with ``spread``, that
+    staging divided by the window's bound (staged Recvs spread over its rounds, each unstaged
+    within a round or two), an estimate `schedule` checks after building."""
+    windows: list[list[_Unit]] = []
+    tally = _Tally(limits)
+    w_bufs: dict[int, int] = defaultdict(int)
+    w_layers: set[int] = set()
+    for unit in units:
+        u_bound = _bound(unit.pairs, limits)
+        bufs = layers[unit.layer].buffers if unit.layer not in w_layers else {}
+        fits = (
+            windows
+            and unit.layer not in w_layers  # a layer's next level starts a new window
+            and (new_bound := tally.bound_with(unit.pairs)) <= tally.bound + u_bound
+            and (
+                budget is None
+                or all(
+                    (_ceil(w_bufs[r] + n, max(1, new_bound)) if spread else w_bufs[r] + n) <= budget
+                    for r, n in bufs.items()
+                )
+            )
+        )
+        if fits:
+            windows[-1].append(unit)
+        else:
+            windows.append([unit])
+            tally, w_bufs, w_layers = _Tally(limits), defaultdict(int), set()
+        tally.add(unit.pairs)
+        w_layers.add(unit.layer)
+        for r, n in bufs.items():
+            w_bufs[r] += n
+    return windows
+
+
+_Built = tuple[int, list[list[Copy]], list[list[Transfer]], list[list[Copy]]]
+
+
+def _build(
+    plan: MigrationPlan, layers: list[_Layer], windows: list[list[_Unit]], limits: ScheduleLimits
+) -> _Built:
+    """Rounds of every window, copies placed, staging buffers pooled: (pool, before, transfers, after)."""
+    num_ranks = plan.topology.num_ranks
+    rounds: list[list[_Pair]] = []
+    first_round: dict[tuple[int, int], int] = {}  # (layer, level) -> first round of its window
+    for window in windows:
+        pairs = [p for u in window for p in u.pairs]
+        assignment = _colour(pairs, limits, num_ranks)
+        base = len(rounds)
+        n = max(assignment, default=-1) + 1
+        order = _round_order(pairs, assignment, n)
+        rounds.extend([] for _ in range(n))
+        for p, k in zip(pairs, assignment, strict=True):
+            p.round = base + order[k]
+            rounds[base + order[k]].append(p)
+        for u in window:
+            first_round[(u.layer, u.level)] = base
+    if not rounds and any(lay.copies for lay in layers):
+        rounds.append([])  # a plan of local copies only still needs one round to hold them
+
+    # --- copies: after the rank's last transfer of their unit, or before its first -------------
+    before: list[list[Copy]] = [[] for _ in rounds]
+    after: list[list[Copy]] = [[] for _ in rounds]
+    recv_of: dict[int, Recv] = {}  # id(pair) -> Recv landing directly instead of in a buffer
+    for li, lay in enumerate(layers):
+        replace, early = _direct_landing(lay, recv_of)
+        last: dict[tuple[int, int], int] = {}
+        for u in lay.units:
+            for p in u.pairs:
+                for r in (p.send.src_rank, p.recv.dst_rank):
+                    if last.get((u.level, r), -1) < p.round:
+                        last[(u.level, r)] = p.round
+        for level, c in lay.copies:
+            new = replace.get(id(c), c)
+            if new is None:
+                continue
+            at = early.get(id(c))
+            if at is None:
+                at = last.get((level, c.rank))
+            if at is not None:
+                after[at].append(new)
+            else:
+                before[first_round.get((li, max(level, 0)), 0)].append(new)
+
+    # --- transfers in a fixed order; both sides of a pair list them alike ----------------------
+    transfers: list[list[Transfer]] = []
+    for rnd in rounds:
+        rnd.sort(key=lambda p: (p.send.layer, p.send.transfer_id))
+        transfers.append([op for p in rnd for op in (p.send, recv_of.get(id(p), p.recv))])
+    return _rename_buffers(before, transfers, after)
+
+
+def _round_order(pairs: Sequence[_Pair], assignment: Sequence[int], n: int) -> list[int]:
+    """A window's rounds may run in any order: rounds that read many slots go first, so that more
+    Recvs find their slot already read and land directly (`_direct_landing`)."""
+    if n <= 1:
+        return list(range(n))
+    score = [0] * n
+    for p, k in zip(pairs, assignment, strict=True):
+        if p.recv.dst.is_buffer:
+            score[k] -= 1  # wants to come late: its slot's readers should run first
+        else:
+            score[k] += 1
+    ranked = sorted(range(n), key=lambda k: (-score[k], k))
+    order = [0] * n
+    for pos, k in enumerate(ranked):
+        order[k] = pos
+    return order
+
+
+def _direct_landing(lay: _Layer, recv_of: dict[int, Recv]) -> tuple[dict[int, Copy | None], dict[int, int]]:
+    """Ordering instead of staging, once a layer's transfers have rounds.
+
+    A Recv the plan stages (lands in a buffer, then copied to slots) lands straight in one of
+    those slots when every Send reading the slot's old expert runs in an earlier round and no local
+    copy reads it: the buffer and one copy go away, the other copies read that slot. A Recv that
+    stays staged is unstaged right after the later of its round and its slots' last reads, not at
+    the end of the layer, so the buffer is free for later rounds. Only layers of one level (every
+    plan from `compile_plan`). Returns copy replacements (None: dropped) and copies' new rounds
+    (in ``after``); fills ``recv_of`` (id of pair -> new Recv).
+    """
+    if len(lay.units) != 1:
+        return {}, {}
+    pairs = lay.units[0].pairs
+    read_at: dict[tuple[int, int], int] = {}  # (rank, slot) -> last round a Send reads it
+    for p in pairs:
+        s = p.send
+        if s.src.is_buffer:
+            return {}, {}
+        key = (s.src_rank, s.src.index)
+        if read_at.get(key, -1) < p.round:
+            read_at[key] = p.round
+    copy_read: set[tuple[int, Loc]] = set()
+    writes: dict[tuple[int, Loc], int] = defaultdict(int)
+    from_buffer: dict[tuple[int, Loc], list[Copy]] = defaultdict(list)
+    for _, c in lay.copies:
+        copy_read.add((c.rank, c.src))
+        writes[(c.rank, c.dst)] += 1
+        if c.src.is_buffer:
+            from_buffer[(c.rank, c.src)].append(c)
+    for p in pairs:
+        writes[(p.recv.dst_rank, p.recv.dst)] += 1
+    replace: dict[int, Copy | None] = {}
+    early: dict[int, int] = {}
+    for p in pairs:
+        recv = p.recv
+        r, b = recv.dst_rank, recv.dst
+        if not b.is_buffer or writes[(r, b)] != 1:
+            continue
+        outs = from_buffer.get((r, b), [])
+        # Copies out of the buffer into slots nothing else writes or copies from commute with
+        # every other copy of the layer: they may run at any time after their slot's reads.
+        if not outs or any(
+            c.dst.is_buffer or writes[(r, c.dst)] != 1 or (r, c.dst) in copy_read for c in outs
+        ):
+            continue
+        ready = [max(p.round, read_at.get((r, c.dst.index), -1)) for c in outs]
+        land = next((i for i, c in enumerate(outs) if read_at.get((r, c.dst.index), -1) < p.round), None)
+        if land is None:
+            for c, k in zip(outs, ready, strict=True):
+                early[id(c)] = k
+            continue
+        slot = outs[land].dst
+        recv_of[id(p)] = attrs.evolve(recv, dst=slot)
+        for i, (c, k) in enumerate(zip(outs, ready, strict=True)):
+            if i == land:
+                replace[id(c)] = None
+            else:
+                replace[id(c)] = Copy(layer=c.layer, rank=r, src=slot, dst=c.dst, expert=c.expert)
+                early[id(c)] = k
+    return replace, early
 
 
 # --- parsing a layer: pairs, levels, copies ---------------------------------------------------

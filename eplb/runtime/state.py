@@ -589,9 +589,10 @@ class EplbState:
             )
             raise RearrangementError(
                 f"rank {self.rank}: rearrangement #{report.index} failed moving layers {list(chunk)} "
-                f"({what}); layers moved: {report.layers_migrated}, rolled back to their old placement "
-                f"and weights: {report.layers_rolled_back}{corrupt}. The model serves correctly on "
-                "every other layer; the next rearrangement re-plans from here."
+                f"(the executor numbers them 0..{len(chunk) - 1}: {what}); layers moved: "
+                f"{report.layers_migrated}, rolled back to their old placement and weights: "
+                f"{report.layers_rolled_back}{corrupt}. Every layer's maps match its weights, so "
+                "serving goes on; the next rearrangement re-plans from here."
             ) from error
 
     def _vote(

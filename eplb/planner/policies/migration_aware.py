@@ -13,8 +13,11 @@ per slot that must receive new weights:
 A slot "receives" when its rank held none of its new expert before the plan (a local copy is
 free), so undoing a move is free too. If the search cannot reach ``T``, the layer takes the fresh
 plan itself with its ranks renumbered to overlap the current placement most (nodes first, then
-ranks within a node, then slots within a rank), or that renumbered plan wins anyway when it moves
-fewer slots. Either way every layer ends at least ``fresh - tolerance`` balanced.
+ranks within a node, then slots within a rank); that renumbered plan also wins when the search
+moved more than a quarter of the slots and the renumbered plan moves fewer. In hierarchical mode
+a third candidate keeps the current layout of every node whose experts the fresh plan leaves on
+it, takes the fresh layout only for nodes that trade groups, and searches again from there.
+Either way every layer ends at least ``fresh - tolerance`` balanced.
 
 Moves respect the spread rule of `balanced` (at most ``ceil(replicas / ranks)`` copies of an expert
 per rank) and, in hierarchical mode, never put an expert on a node that holds none of it now.
@@ -68,7 +71,9 @@ def _gain(loads: F64, new: F64, limit: float) -> F64:
 class _Layer:
     """Search state of one layer. ``cnt: [E, R]`` copies per rank; ``need: [P]`` slot receives."""
 
-    def __init__(self, load: F64, p2l: I64, num_ranks: int, scope: int, allowed: B) -> None:
+    def __init__(
+        self, load: F64, p2l: I64, num_ranks: int, scope: int, allowed: B, original: I64 | None = None
+    ) -> None:
         self.load = load
         self.p2l = p2l.copy()
         self.num_r = num_ranks
@@ -76,8 +81,9 @@ class _Layer:
         self.rank_of = np.arange(p2l.size) // self.s
         self.scope = scope  # ranks an expert may spread over (ranks per node in hierarchical mode)
         self.allowed = allowed  # [R, E] rank may receive expert
+        # [E, R]: what each rank holds before the plan (the search may start elsewhere).
         self.orig = np.zeros((load.size, num_ranks), dtype=bool)
-        self.orig[p2l, self.rank_of] = True
+        self.orig[p2l if original is None else original, self.rank_of] = True
         self.refresh()
 
     def refresh(self) -> None:
@@ -138,7 +144,10 @@ class _Layer:
             inc_a = np.where(counts > 1, load / np.maximum(counts - 1, 1) - self.share, 0.0)
         # (1) slots of r, any b; (2) any slot, b held on r.
         on_r = np.flatnonzero(cnt[:, r] > 0)
-        for slots, targets in ((mine, np.arange(load.size)), (np.arange(p2l.size), on_r)):
+        spare = counts[p2l] > 1  # only a replica of an expert with several can change expert
+        for slots, targets in ((mine[spare[mine]], np.arange(load.size)), (np.flatnonzero(spare), on_r)):
+            if slots.size == 0 or targets.size == 0:
+                continue
             a = p2l[slots]
             ranks = self.rank_of[slots]
             delta_a = cnt[a] * inc_a[a][:, None]  # [n, R]
@@ -236,15 +245,15 @@ def plan_migration_aware(
     *,
     num_groups: int,
     current: ModelPlacement,
-    tolerance: float = 0.01,
+    tolerance: float = 0.005,
     hierarchical: bool | None = None,
     max_moves: int | None = None,
 ) -> tuple[I64, dict[str, int]]:
     """``physical_to_logical: [num_layers, num_physical_experts]`` and counts of how layers were
-    made (``kept``, ``searched``, ``fresh``)."""
+    made (``kept``, ``searched``, ``hybrid``, ``fresh``)."""
     if not 0 <= tolerance < 1:
         raise InvalidValueError(
-            "tolerance", f"must be in [0, 1) balancedness points (got {tolerance}); 0.01 is a good start."
+            "tolerance", f"must be in [0, 1) balancedness points (got {tolerance}); 0.005 is the default."
         )
     check_current(current, load, topology)
     hier = use_hierarchy(topology, num_groups, hierarchical)
@@ -257,7 +266,7 @@ def plan_migration_aware(
     limit = np.divide(mean, goal, out=np.full_like(mean, np.inf), where=goal > 0)
     cur_max = max_rank_load(load, cur, num_r)
     out = cur.copy()
-    stats = {"kept": 0, "searched": 0, "fresh": 0}
+    stats = {"kept": 0, "searched": 0, "hybrid": 0, "fresh": 0}
     scope = num_r // topology.num_nodes if hier else num_r
     node = np.asarray(topology.rank_to_node)
     for layer in range(load.shape[0]):
@@ -272,15 +281,46 @@ def plan_migration_aware(
             allowed = np.ones((num_r, load.shape[1]), dtype=bool)
         state = _Layer(load[layer], cur[layer], num_r, scope, allowed)
         reached = _search(state, float(limit[layer]), max_moves if max_moves is not None else cur.shape[1])
-        aligned = align_to_current(fresh[layer], cur[layer], topology, keep_nodes=hier)
-        moved_aligned = _moved(cur[layer], aligned, topology.slots_per_rank)
-        if reached and _moved(cur[layer], state.p2l, topology.slots_per_rank) <= moved_aligned:
+        moved = _moved(cur[layer], state.p2l, topology.slots_per_rank)
+        # A renumbered fresh plan rarely keeps more than half the slots, so it is only worth
+        # building when the search failed or moved a quarter of them.
+        if reached and 4 * moved <= cur.shape[1]:
             out[layer] = state.p2l
             stats["searched"] += 1
-        else:
-            out[layer] = aligned
-            stats["fresh"] += 1
+            continue
+        aligned = align_to_current(fresh[layer], cur[layer], topology, keep_nodes=hier)
+        best, best_moved, how = aligned, _moved(cur[layer], aligned, topology.slots_per_rank), "fresh"
+        if reached and moved <= best_moved:
+            best, best_moved, how = state.p2l, moved, "searched"
+        if hier:
+            # Nodes whose experts the fresh plan leaves unchanged start from their current layout
+            # and are searched again; only the nodes that trade groups take the fresh layout.
+            hybrid = _keep_unchanged_nodes(aligned, cur[layer], topology)
+            if hybrid is not None:
+                held = np.zeros((topology.num_nodes, load.shape[1]), dtype=bool)
+                held[node[np.arange(cur.shape[1]) // topology.slots_per_rank], hybrid] = True
+                again = _Layer(load[layer], hybrid, num_r, scope, held[node], original=cur[layer])
+                if _search(again, float(limit[layer]), cur.shape[1]):
+                    m = _moved(cur[layer], again.p2l, topology.slots_per_rank)
+                    if m < best_moved:
+                        best, best_moved, how = again.p2l, m, "hybrid"
+        out[layer] = best
+        stats[how] += 1
     return out, stats
+
+
+def _keep_unchanged_nodes(aligned: I64, current: I64, topology: Topology) -> I64 | None:
+    """``aligned`` with every node that holds the same experts as in ``current`` given back its
+    current slots; None when no node qualifies or every node does."""
+    per = aligned.size // topology.num_nodes
+    out = aligned.copy()
+    kept = 0
+    for n in range(topology.num_nodes):
+        part = slice(n * per, (n + 1) * per)
+        if set(aligned[part].tolist()) == set(current[part].tolist()):
+            out[part] = current[part]
+            kept += 1
+    return out if 0 < kept < topology.num_nodes else None
 
 
 def _moved(cur: I64, tgt: I64, s: int) -> int:
@@ -296,7 +336,7 @@ def migration_aware(
     *,
     num_groups: int,
     current: ModelPlacement | None = None,
-    tolerance: float = 0.01,
+    tolerance: float = 0.005,
     hierarchical: bool | None = None,
     max_moves: int | None = None,
 ) -> ModelPlacement:

@@ -1,0 +1,390 @@
+"""Placements and load traces in the files other engines read and write.
+
+Placements (``physical_to_logical [layers, slots]``, slots rank-major as every engine numbers them):
+
+- ``ir``: eplb's JSON (`eplb.ir.serde`), the only one that records the rank count;
+- ``sglang``: ``{"physical_to_logical_map": [[...], ...]}``, what SGLang's
+  ``--init-expert-location`` reads (``.json``; ``.pt`` holds the same key as a tensor);
+- ``trtllm``: TensorRT-LLM's load-balancer YAML (``moe_config.load_balancer``): ``num_slots``,
+  ``initial_global_assignments`` (model layer index -> the expert of every slot) and
+  ``layer_updates_per_iter``. Layer keys are the model's layer indices (DeepSeek-V3's MoE layers
+  are 3..60), so reading returns ``first_layer`` and writing takes it;
+- ``npy``: the ``[layers, slots]`` int64 array.
+
+The YAML is read and written by hand, without PyYAML (not a dependency): the subset TensorRT-LLM's
+``generate_eplb_config.py`` writes (a block mapping of scalars and of layer -> flow list
+``[1, 2]``), plus block lists (``- 1``) and ``#`` comments. Anything else is refused with the line.
+
+Load traces ``[windows, layers, experts]``: ``.npy`` / ``.npz`` (key ``trace``), ``.pt`` (a tensor,
+or SGLang's expert-distribution dump ``{"logical_count": [steps, layers, experts]}``), ``.json``
+(a nested list, ``{"trace": ...}`` or ``{"logical_count": ...}``). Steps are summed into windows of
+``window_steps``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from eplb.cli._common import CliError
+from eplb.formats import _read_json, _torch_load, read_placement
+from eplb.ir.errors import EplbError
+from eplb.ir.placement import ModelPlacement
+from eplb.ir.serde import dumps, loads
+from eplb.planner.load import as_load_matrix
+
+__all__ = [
+    "PLACEMENT_FORMATS",
+    "TRACE_SUFFIXES",
+    "RanksNeededError",
+    "TrtllmConfig",
+    "dump_trtllm_yaml",
+    "format_of",
+    "parse_trtllm_yaml",
+    "placement_bytes",
+    "read_any_placement",
+    "read_trace",
+    "read_trtllm_yaml",
+    "trace_bytes",
+]
+
+PLACEMENT_FORMATS = ("ir", "sglang", "trtllm", "npy", "pt")
+TRACE_SUFFIXES = (".npy", ".npz", ".pt", ".json")
+F64 = npt.NDArray[np.float64]
+
+
+class RanksNeededError(CliError):
+    """A placement file does not record its rank count and none was given."""
+
+
+# --- TensorRT-LLM ---------------------------------------------------------------------------------
+@attrs.frozen(kw_only=True)
+class TrtllmConfig:
+    """A TensorRT-LLM load-balancer config: the placement and the keys around it."""
+
+    placement: ModelPlacement
+    first_layer: int = 0
+    layer_updates_per_iter: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.placement.num_physical_experts
+
+
+def dump_trtllm_yaml(
+    placement: ModelPlacement, *, first_layer: int = 0, layer_updates_per_iter: int = 0
+) -> str:
+    """The YAML TensorRT-LLM reads, keys sorted as its ``generate_eplb_config.py`` writes them.
+
+    ``first_layer``: the model layer index of MoE layer 0 (3 for DeepSeek-V3 / R1).
+    ``layer_updates_per_iter``: 0 keeps the placement static (offline EPLB).
+    """
+    if first_layer < 0 or layer_updates_per_iter < 0:
+        raise CliError(
+            f"first_layer ({first_layer}) and layer_updates_per_iter ({layer_updates_per_iter}) must be >= 0."
+        )
+    lines = ["initial_global_assignments:"]
+    for i, row in enumerate(placement.physical_to_logical):
+        lines.append(f"  {first_layer + i}: [{', '.join(map(str, row))}]")
+    lines.append(f"layer_updates_per_iter: {layer_updates_per_iter}")
+    lines.append(f"num_slots: {placement.num_physical_experts}")
+    return "\n".join(lines) + "\n"
+
+
+_KEY = re.compile(r"^( *)([A-Za-z_][A-Za-z0-9_]*|-?\d+)\s*:\s*(.*)$")
+_ITEM = re.compile(r"^( *)-\s+(.*)$")
+
+
+def _int(text: str, where: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise CliError(f"{where}: expected an integer, got {text.strip()!r}.") from None
+
+
+def _flow_list(text: str, where: str) -> list[int]:
+    body = text.strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        raise CliError(f"{where}: expected a list like [3, 1, 4], got {body[:40]!r}.")
+    inner = body[1:-1].strip()
+    return [_int(v, where) for v in inner.split(",")] if inner else []
+
+
+def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> TrtllmConfig:
+    """Parse a load-balancer YAML; ``num_ranks`` (TensorRT-LLM's ep_size) is not in the file."""
+    top: dict[str, Any] = {}
+    layers: dict[int, list[int]] = {}
+    section: str | None = None
+    current_layer: int | None = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        where = f"{source} line {n}"
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip() or line.strip() in ("---", "..."):
+            continue
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise CliError(f"{where}: tabs in indentation are not YAML; indent with spaces.")
+        item = _ITEM.match(line)
+        if item:
+            if section != "initial_global_assignments" or current_layer is None:
+                raise CliError(
+                    f"{where}: a '- value' list item outside a layer of initial_global_assignments."
+                )
+            layers[current_layer].append(_int(item.group(2), where))
+            continue
+        m = _KEY.match(line)
+        if not m:
+            raise CliError(
+                f"{where}: {line.strip()[:40]!r} is outside the YAML subset eplb reads (key: value, "
+                "layer: [ids]); write it as TensorRT-LLM's generate_eplb_config.py does."
+            )
+        indent, key, value = len(m.group(1)), m.group(2), m.group(3).strip()
+        if indent == 0:
+            section, current_layer = key, None
+            if key == "initial_global_assignments":
+                if value and value != "{}":
+                    raise CliError(
+                        f"{where}: initial_global_assignments must be a block mapping 'layer: [ids]'."
+                    )
+            elif value:
+                top[key] = value
+            else:
+                raise CliError(
+                    f"{where}: key {key!r} has no value; eplb reads only num_slots, "
+                    "initial_global_assignments and layer_updates_per_iter."
+                )
+            continue
+        if section != "initial_global_assignments":
+            raise CliError(f"{where}: unexpected indented key {key!r} under {section!r}.")
+        layer = _int(key, where)
+        if layer in layers:
+            raise CliError(f"{where}: layer {layer} appears twice; keep one entry per layer.")
+        layers[layer] = _flow_list(value, where) if value else []
+        current_layer = layer
+    if not layers:
+        raise CliError(
+            f"{source}: no initial_global_assignments; it must map each MoE layer to its slots' experts."
+        )
+    unknown = sorted(set(top) - {"num_slots", "layer_updates_per_iter"})
+    if unknown:
+        raise CliError(
+            f"{source}: unknown key(s) {unknown}; eplb reads num_slots, initial_global_assignments, "
+            "layer_updates_per_iter."
+        )
+    keys = sorted(layers)
+    if keys != list(range(keys[0], keys[0] + len(keys))):
+        missing = sorted(set(range(keys[0], keys[-1] + 1)) - set(keys))
+        raise CliError(
+            f"{source}: layers must be consecutive; missing {missing[:8]}. Give every MoE layer a row."
+        )
+    rows = [layers[k] for k in keys]
+    if "num_slots" in top:
+        num_slots = _int(top["num_slots"], f"{source}: num_slots")
+        bad = [k for k, r in zip(keys, rows) if len(r) != num_slots]
+        if bad:
+            raise CliError(
+                f"{source}: layer {bad[0]} lists {len(layers[bad[0]])} slots but num_slots is "
+                f"{num_slots}; every layer needs one expert per slot."
+            )
+    updates = _int(top.get("layer_updates_per_iter", "0"), f"{source}: layer_updates_per_iter")
+    try:
+        placement = ModelPlacement.from_lists(rows, num_ranks=num_ranks)
+    except EplbError as exc:
+        raise CliError(f"{source}: {str(exc).splitlines()[0]}") from None
+    return TrtllmConfig(placement=placement, first_layer=keys[0], layer_updates_per_iter=updates)
+
+
+def read_trtllm_yaml(path: str | Path, *, num_ranks: int) -> TrtllmConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {p}: {exc.strerror}; check the path.") from None
+    return parse_trtllm_yaml(text, num_ranks=num_ranks, source=str(p))
+
+
+# --- placements in any format ---------------------------------------------------------------------
+def format_of(path: str | Path) -> str:
+    """The placement format a file name implies: ``.yaml``/``.yml`` trtllm, ``.npy``, ``.pt``,
+    ``.sglang.json`` sglang, other ``.json`` ir."""
+    name = Path(path).name.lower()
+    if name.endswith((".yaml", ".yml")):
+        return "trtllm"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(".pt"):
+        return "pt"
+    if name.endswith(".sglang.json"):
+        return "sglang"
+    if name.endswith(".json"):
+        return "ir"
+    raise CliError(
+        f"{path}: unknown placement file type; use .json (eplb IR), .sglang.json, .yaml "
+        "(TensorRT-LLM), .npy or .pt."
+    )
+
+
+def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0) -> bytes:
+    """The file content of ``placement`` in ``fmt`` (see `PLACEMENT_FORMATS`)."""
+    if fmt == "ir":
+        return dumps(placement).encode()
+    if fmt == "sglang":
+        return (json.dumps({"physical_to_logical_map": placement.to_lists()}) + "\n").encode()
+    if fmt == "trtllm":
+        return dump_trtllm_yaml(placement, first_layer=first_layer).encode()
+    buf = io.BytesIO()
+    if fmt == "npy":
+        np.save(buf, placement.to_numpy(), allow_pickle=False)
+    elif fmt == "pt":
+        import torch
+
+        torch.save({"physical_to_logical_map": torch.from_numpy(placement.to_numpy())}, buf)
+    else:
+        raise CliError(f"unknown placement format {fmt!r}; use one of {', '.join(PLACEMENT_FORMATS)}.")
+    return buf.getvalue()
+
+
+def read_any_placement(
+    path: str | Path, *, num_ranks: int | None = None, num_logical_experts: int | None = None
+) -> ModelPlacement:
+    """A placement from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed unless it is IR JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"cannot read {p}: no such file; check the path.")
+    fmt = format_of(p)
+    if fmt == "ir" or fmt == "sglang":
+        doc = _read_json(p)
+        if isinstance(doc, dict) and doc.get("type") == "model_placement":
+            try:
+                return loads(json.dumps(doc), ModelPlacement)
+            except EplbError as exc:
+                raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
+    ranks = _need_ranks(p, num_ranks)
+    if fmt == "trtllm":
+        return read_trtllm_yaml(p, num_ranks=ranks).placement
+    if fmt == "npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{p} is not a .npy array ({exc}); save it with numpy.save.") from None
+        if arr.ndim != 2 or arr.dtype.kind not in "iu":
+            raise CliError(
+                f"{p}: a placement array must be integer [layers, slots] (got {arr.dtype} {arr.shape})."
+            )
+        try:
+            return ModelPlacement.from_lists(
+                arr.tolist(), num_ranks=ranks, num_logical_experts=num_logical_experts
+            )
+        except EplbError as exc:
+            raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
+    if num_logical_experts is None:
+        doc = _read_json(p) if fmt != "pt" else _torch_load(p)
+        rows = doc.get("physical_to_logical_map") if isinstance(doc, dict) else None
+        if rows is None:
+            raise CliError(
+                f'{p}: not a placement; expected eplb IR JSON or {{"physical_to_logical_map": ...}}.'
+            )
+        flat = np.asarray(rows.tolist() if hasattr(rows, "tolist") else rows)
+        num_logical_experts = int(flat.max()) + 1 if flat.size and flat.dtype.kind in "iu" else 1
+    return read_placement(p, num_ranks=ranks, num_logical_experts=num_logical_experts)
+
+
+def _need_ranks(path: Path, num_ranks: int | None) -> int:
+    if num_ranks is None:
+        raise RanksNeededError(
+            f"{path} does not record the rank count; pass --ranks (the EP size it was made for)."
+        )
+    if num_ranks <= 0:
+        raise CliError(f"--ranks must be > 0 (got {num_ranks}).")
+    return num_ranks
+
+
+# --- load traces ----------------------------------------------------------------------------------
+def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
+    """``[windows, layers, experts]`` float64 load; ``window_steps`` consecutive steps per window."""
+    p = Path(path)
+    if window_steps <= 0:
+        raise CliError(f"--window-steps must be > 0 (got {window_steps}).")
+    suffix = p.suffix.lower()
+    if suffix not in TRACE_SUFFIXES:
+        raise CliError(
+            f"{p}: unknown trace format {suffix or '(none)'!r}; use one of {', '.join(TRACE_SUFFIXES)}."
+        )
+    if not p.is_file():
+        raise CliError(f"cannot read {p}: no such file; check the path.")
+    data: Any
+    if suffix in (".npy", ".npz"):
+        try:
+            data = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{p} is not a numpy file ({exc}); save it with numpy.save.") from None
+        if suffix == ".npz":
+            with data:
+                if "trace" not in data.files:
+                    raise CliError(f"{p}: an .npz needs a 'trace' array (found {data.files[:5]}).")
+                data = data["trace"]
+    elif suffix == ".pt":
+        data = _torch_load(p)
+    else:
+        data = _read_json(p)
+    if isinstance(data, dict):
+        key = next((k for k in ("logical_count", "trace") if k in data), None)
+        if key is None:
+            raise CliError(
+                f"{p}: a mapping needs 'logical_count' (SGLang dump) or 'trace' (found "
+                f"{sorted(map(str, data))[:5]})."
+            )
+        data = data[key]
+    if type(data).__module__.startswith("torch"):
+        data = data.detach().cpu().double().numpy()
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"{p}: not a rectangular array of numbers ({exc}).") from None
+    if arr.ndim != 3:
+        fix = (
+            "stack the windows as [windows, layers, experts]"
+            if arr.ndim == 2
+            else "save [windows, layers, experts]"
+        )
+        raise CliError(
+            f"{p}: a trace has 3 dimensions [windows, layers, experts] (got shape {arr.shape}); {fix}."
+        )
+    windows = arr.shape[0] // window_steps
+    if windows == 0:
+        raise CliError(
+            f"{p}: {arr.shape[0]} steps make no full window of {window_steps}; lower --window-steps."
+        )
+    arr = arr[: windows * window_steps].reshape(windows, window_steps, *arr.shape[1:]).sum(axis=1)
+    for w in range(windows):
+        try:
+            as_load_matrix(arr[w], name=f"trace[{w}]")
+        except EplbError as exc:
+            raise CliError(f"{p}: {exc}") from None
+    return arr
+
+
+def trace_bytes(trace: Any, fmt: str) -> bytes:
+    """A ``[windows, layers, experts]`` trace as ``npy``, ``json`` or ``sglang`` (a ``.pt`` dump
+    ``{"logical_count": int tensor [steps, layers, experts]}``)."""
+    arr = np.asarray(trace)
+    if arr.ndim != 3:
+        raise CliError(f"a trace must be [windows, layers, experts] (got shape {arr.shape}).")
+    if fmt == "json":
+        return (json.dumps({"trace": arr.tolist()}) + "\n").encode()
+    buf = io.BytesIO()
+    if fmt == "npy":
+        np.save(buf, arr, allow_pickle=False)
+    elif fmt == "sglang":
+        import torch
+
+        torch.save({"logical_count": torch.from_numpy(np.rint(arr).astype(np.int64))}, buf)
+    else:
+        raise CliError(f"unknown trace format {fmt!r}; use npy, json or sglang.")
+    return buf.getvalue()
