@@ -175,7 +175,8 @@ def generate_trace(seed: int = SEED) -> npt.NDArray[np.int64]:
     weight = np.exp(sigma[None, :, None] * z)
     expected = TOKENS_PER_WINDOW * weight / weight.sum(axis=2, keepdims=True)
     noisy = expected + np.sqrt(expected) * _normal(rng, expected.shape)
-    return np.maximum(np.rint(noisy), 0).astype(np.int64)
+    counts: npt.NDArray[np.int64] = np.maximum(np.rint(noisy), 0).astype(np.int64)
+    return counts
 
 
 _META: dict[str, Any] = {
@@ -218,10 +219,12 @@ def _main() -> None:
     hot = ex.trace.max(axis=2) / ex.trace.mean(axis=2)
     print(f"{ex.name}: trace {ex.trace.shape}")
     print(
-        f"trivial placement (8 experts/rank) imbalance per window, mean over layers: {imb.mean(axis=1).round(3)}"
+        "trivial placement (8 experts/rank) imbalance per window, mean over layers:",
+        imb.mean(axis=1).round(3),
     )
     print(
-        f"window 0 per-layer imbalance: min {imb[0].min():.2f} max {imb[0].max():.2f} mean {imb[0].mean():.2f}"
+        f"per-layer imbalance, mean over windows: min {imb.mean(0).min():.2f} max {imb.mean(0).max():.2f} "
+        f"mean {imb.mean():.2f}"
     )
     print(f"hottest expert / mean per window, max over layers: {hot.max(axis=1).round(1)}")
     print(f"hottest expert / mean per window, median over layers: {np.median(hot, axis=1).round(1)}")

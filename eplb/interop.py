@@ -186,7 +186,7 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
     rows = [layers[k] for k in keys]
     if "num_slots" in top:
         num_slots = _int(top["num_slots"], f"{source}: num_slots")
-        bad = [k for k, r in zip(keys, rows) if len(r) != num_slots]
+        bad = [k for k, r in zip(keys, rows, strict=True) if len(r) != num_slots]
         if bad:
             raise CliError(
                 f"{source}: layer {bad[0]} lists {len(layers[bad[0]])} slots but num_slots is "
@@ -361,7 +361,8 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
         raise CliError(
             f"{p}: {arr.shape[0]} steps make no full window of {window_steps}; lower --window-steps."
         )
-    arr = arr[: windows * window_steps].reshape(windows, window_steps, *arr.shape[1:]).sum(axis=1)
+    steps = arr[: windows * window_steps].reshape(windows, window_steps, *arr.shape[1:])
+    arr = np.asarray(steps.sum(axis=1), dtype=np.float64)
     for w in range(windows):
         try:
             as_load_matrix(arr[w], name=f"trace[{w}]")

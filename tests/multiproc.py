@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in fresh processes, with timeouts (a helper for tier-2 tests).
+"""Run a function on N gloo (or NCCL) ranks in fresh processes, with timeouts (a helper for tier-2 tests).
 
 ``run_on_ranks(fn, nprocs, *args)`` spawns ``nprocs`` processes, each initialises a gloo process
 group over a `FileStore` (so no port is needed), calls ``fn(rank, nprocs, *args)`` and sends back
@@ -43,15 +43,18 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     results: Any,
+    backend: str,
 ) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share a few cores
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         store = dist.FileStore(store_path, nprocs)
         dist.init_process_group(
-            "gloo",
+            backend,
             store=store,
             rank=rank,
             world_size=nprocs,
@@ -60,7 +63,9 @@ def _worker(
         value = fn(rank, nprocs, *args)
         results.put(RankResult(rank, True, value))
     except BaseException as exc:
-        results.put(RankResult(rank, False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
+        results.put(
+            RankResult(rank, False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -72,14 +77,21 @@ def run_on_ranks(
     *args: Any,
     timeout_s: float = 120.0,
     pg_timeout_s: float = 30.0,
+    backend: str = "gloo",
 ) -> list[RankResult]:
-    """``fn(rank, nprocs, *args)`` on ``nprocs`` gloo ranks; one `RankResult` per rank, by rank."""
+    """``fn(rank, nprocs, *args)`` on ``nprocs`` ranks; one `RankResult` per rank, by rank.
+
+    ``backend="nccl"`` puts rank r on ``cuda:r`` (tier 3)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(r, nprocs, store_path, pg_timeout_s, fn, args, results), daemon=True)
+            ctx.Process(
+                target=_worker,
+                args=(r, nprocs, store_path, pg_timeout_s, fn, args, results, backend),
+                daemon=True,
+            )
             for r in range(nprocs)
         ]
         for p in procs:
@@ -108,7 +120,9 @@ def run_on_ranks(
                 p.join()
     for r in range(nprocs):
         if r not in got:
-            got[r] = RankResult(r, False, error=f"TimeoutError: rank {r} did not answer within {timeout_s:g} s")
+            got[r] = RankResult(
+                r, False, error=f"TimeoutError: rank {r} did not answer within {timeout_s:g} s"
+            )
     return [got[r] for r in range(nprocs)]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from eplb.executors.base import layer_last_rounds
 from tests.multiproc import run_on_ranks, values_or_raise
 
 pytestmark = pytest.mark.multiprocess
@@ -38,7 +39,9 @@ def random_case(
     from eplb.ir import ModelPlacement, ScheduleLimits
 
     def fresh() -> list[int]:
-        p2l = list(range(num_experts)) + [rng.randrange(num_experts) for _ in range(num_ranks * slots - num_experts)]
+        p2l = list(range(num_experts)) + [
+            rng.randrange(num_experts) for _ in range(num_ranks * slots - num_experts)
+        ]
         rng.shuffle(p2l)
         return p2l
 
@@ -69,7 +72,9 @@ def random_case(
 class AllocationCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the bytes of every tensor created by a factory or copying op while active."""
 
-    _NEW = {"empty", "empty_strided", "zeros", "ones", "full", "clone", "_to_copy", "empty_like", "new_empty"}
+    _NEW = frozenset(
+        {"empty", "empty_strided", "zeros", "ones", "full", "clone", "_to_copy", "empty_like", "new_empty"}
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,7 +87,9 @@ class AllocationCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def check_run(executor: Any, schedule: Any, weights: Any, target: Any, rank: int, *, count: bool, **kw: Any) -> Any:
+def check_run(
+    executor: Any, schedule: Any, weights: Any, target: Any, rank: int, *, count: bool, **kw: Any
+) -> Any:
     """Run, then return (report, problems): wrong bytes, moved storage, memory over budget."""
     from eplb.executors.synthetic import mismatches
 
@@ -113,7 +120,7 @@ def _pairs_worker(
     rank: int, world: int, node_counts: tuple[int, ...], pairs: int, seed: int, count: bool
 ) -> dict[int, dict[str, Any]]:
     """Per node count: runs until ``pairs`` random (current, target) layer pairs went through
-    every backend. Each run packs 1-40 independent random layer pairs into one plan, so layers
+    every backend. Each run packs 1-64 independent random layer pairs into one plan, so layers
     share rounds as they do in a real rearrangement and gloo's per-round latency is paid once."""
     from eplb.executors import AllToAllExecutor, CpuStagedExecutor, P2PExecutor
     from eplb.executors.synthetic import expert_bytes_of, make_rank_weights, tensor_layout
@@ -132,13 +139,20 @@ def _pairs_worker(
     out: dict[int, dict[str, Any]] = {}
     for num_nodes in node_counts:
         topo = Topology.uniform(world, slots, num_nodes)
-        stats: dict[str, Any] = {"pairs": 0, "runs": 0, "moving": 0, "rounds": 0, "problems": [], "seconds": {}}
+        stats: dict[str, Any] = {
+            "pairs": 0,
+            "runs": 0,
+            "moving": 0,
+            "rounds": 0,
+            "problems": [],
+            "seconds": {},
+        }
         i = 0
         while stats["pairs"] < pairs and len(stats["problems"]) < 5:
             rng = random.Random(seed * 1_000_003 + num_nodes * 10_007 + i)
             i += 1
             num_experts = rng.randint(max(1, world * slots // 2), world * slots)
-            num_layers = rng.randint(1, 40)
+            num_layers = rng.randint(1, 64)
             cur, tgt, limits = random_case(
                 rng, num_ranks=world, slots=slots, num_experts=num_experts, num_layers=num_layers
             )
@@ -151,7 +165,9 @@ def _pairs_worker(
                 weights = make_rank_weights(cur, rank, slots, layout)
                 t0 = time.perf_counter()
                 # The first backend verifies; the others reuse the proof.
-                _, problems = check_run(ex, sched, weights, tgt, rank, count=count and i % 5 == 1, verified=j > 0)
+                _, problems = check_run(
+                    ex, sched, weights, tgt, rank, count=count and i % 5 == 1, verified=j > 0
+                )
                 stats["seconds"][ex.name] = stats["seconds"].get(ex.name, 0.0) + time.perf_counter() - t0
                 if problems:
                     stats["problems"].append(f"run {i} ({ex.name}, {num_nodes} nodes): {problems}")
@@ -201,7 +217,16 @@ def _error_fields(exc: Any) -> dict[str, Any]:
         "message": str(exc),
         **{
             k: getattr(exc, k, None)
-            for k in ("rank", "round", "layer", "op", "failed_ranks", "completed_layers", "untouched_layers", "partial_layers")
+            for k in (
+                "rank",
+                "round",
+                "layer",
+                "op",
+                "failed_ranks",
+                "completed_layers",
+                "untouched_layers",
+                "partial_layers",
+            )
         },
     }
 
@@ -225,8 +250,12 @@ def _raising_worker(rank: int, world: int, bad_rank: int, bad_round: int) -> dic
         out = _error_fields(exc)
         out["seconds"] = time.monotonic() - t0
         # What the error promises about each layer holds for this rank's weights.
-        out["completed_ok"] = all(not _layer_mismatch(weights, tgt, rank, l, mismatches) for l in exc.completed_layers)
-        out["untouched_ok"] = all(not _layer_mismatch(weights, cur, rank, l, mismatches) for l in exc.untouched_layers)
+        out["completed_ok"] = all(
+            not _layer_mismatch(weights, tgt, rank, layer, mismatches) for layer in exc.completed_layers
+        )
+        out["untouched_ok"] = all(
+            not _layer_mismatch(weights, cur, rank, layer, mismatches) for layer in exc.untouched_layers
+        )
         out["num_rounds"] = sched.num_rounds
         return out
     return {"type": None}
@@ -241,9 +270,11 @@ def _layer_mismatch(weights: Any, placement: Any, rank: int, layer: int, mismatc
 def test_rank_raising_mid_run_ends_every_rank_with_its_error() -> None:
     world, bad_rank = 4, 2
     sched, *_ = _failure_case(world)
-    bad_round = next(
-        k for k, rnd in enumerate(sched.rounds) if k >= 2 and any(op.rank == bad_rank for op in rnd.before + rnd.after)
+    # The last round in which the bad rank copies: layers that ended before it are complete.
+    bad_round = max(
+        k for k, rnd in enumerate(sched.rounds) if any(op.rank == bad_rank for op in rnd.before + rnd.after)
     )
+    last = layer_last_rounds(sched)
     results = values_or_raise(run_on_ranks(_raising_worker, world, bad_rank, bad_round, timeout_s=120.0))
     for rank, out in enumerate(results):
         assert out["type"] == "ExecutionError", (rank, out)
@@ -251,7 +282,10 @@ def test_rank_raising_mid_run_ends_every_rank_with_its_error() -> None:
         assert f"(layer {out['layer']}, round {bad_round}, rank {bad_rank})" in out["message"]
         assert "injected fault" in out["message"] or rank != bad_rank
         assert out["failed_ranks"] == (bad_rank,)
-        assert out["completed_layers"] and out["partial_layers"], out["message"]
+        assert out["layer"] in out["partial_layers"], out["message"]
+        states = (*out["completed_layers"], *out["untouched_layers"], *out["partial_layers"])
+        assert sorted(states) == list(range(sched.plan.num_layers))
+        assert set(out["completed_layers"]) == {n for n, k in enumerate(last) if k < bad_round}
         assert out["completed_ok"] and out["untouched_ok"], (rank, out["message"])
         assert out["seconds"] < FAIL_TIMEOUT_S  # the agreement, not a timeout, ended it
 
@@ -278,7 +312,10 @@ def test_bad_weights_on_one_rank_fail_every_rank_before_any_move() -> None:
     for out in results:
         assert out["type"] == "ExecutionError"
         assert out["rank"] == 1 and out["round"] is None
-        assert "first dimension must be slots_per_rank (2)" in out["message"] or "see that rank's error" in out["message"]
+        assert (
+            "first dimension must be slots_per_rank (2)" in out["message"]
+            or "see that rank's error" in out["message"]
+        )
         assert out["completed_layers"] == () and out["partial_layers"] == ()
         assert out["untouched_ok"]
 
@@ -308,6 +345,9 @@ def test_peer_that_never_answers_times_out_on_every_rank() -> None:
     results = values_or_raise(run_on_ranks(_silent_peer_worker, world, timeout_s=120.0, pg_timeout_s=10.0))
     for rank, out in enumerate(results):
         assert out["type"] == "ExecutionError", (rank, out)
-        assert out["round"] == 0, out["message"]
-        assert "did not finish within 3 s" in out["message"] or "did not complete within 3 s" in out["message"]
+        # The silent rank itself runs on to the next agreement and times out there.
+        assert out["round"] == (0 if rank != world - 1 else 1), out["message"]
+        assert (
+            "did not finish within 3 s" in out["message"] or "did not complete within 3 s" in out["message"]
+        )
         assert out["seconds"] < 4 * FAIL_TIMEOUT_S + 5

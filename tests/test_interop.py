@@ -107,8 +107,8 @@ def test_placement_without_rank_count_needs_ranks(tmp_path: Path) -> None:
     assert read_any_placement(path, num_ranks=2) == placement
     with pytest.raises(CliError, match="no such file"):
         read_any_placement(tmp_path / "missing.json")
+    (tmp_path / "p.txt").write_text("x")
     with pytest.raises(CliError, match="unknown placement file type"):
-        (tmp_path / "p.txt").write_text("x")
         read_any_placement(tmp_path / "p.txt")
 
 
@@ -135,7 +135,7 @@ def test_trace_errors(tmp_path: Path) -> None:
         read_trace(neg)
     with pytest.raises(CliError, match="no full window of 5"):
         read_trace(neg, window_steps=5)
-    with pytest.raises(CliError, match="unknown trace format '.csv'"):
+    with pytest.raises(CliError, match=r"unknown trace format '\.csv'"):
         read_trace(tmp_path / "t.csv")
 
 

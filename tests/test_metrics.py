@@ -72,6 +72,12 @@ def test_lower_bound_counts_the_hot_expert() -> None:
     # 4 ranks x 1 slot, 3 experts: only 2 replicas for the hot one, so 100 / 2 binds.
     lb = metrics.max_rank_load_lower_bound([[100.0, 1.0, 1.0]], num_ranks=4, num_physical_experts=4)
     assert lb.tolist() == [50.0]
+    # One redundant slot for two hot experts: one of them keeps a single replica of 60.
+    lb = metrics.max_rank_load_lower_bound([[60.0, 60.0, 1.0, 1.0]], num_ranks=5, num_physical_experts=5)
+    assert lb.tolist() == [60.0]
+    # Replicas beyond the rank count stack: 100 over 2 ranks is 50 however many slots.
+    lb = metrics.max_rank_load_lower_bound([[100.0, 0.0]], num_ranks=2, num_physical_experts=8)
+    assert lb.tolist() == [50.0]
 
 
 @given(placement_pairs())

@@ -9,29 +9,19 @@ test asserts on what the ranks reported. Every wait has a timeout, so a hang fai
 
 from __future__ import annotations
 
-import datetime
-import os
-import queue
-import socket
-import traceback
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.multiproc import run_on_ranks, values_or_raise
 
 pytestmark = pytest.mark.multiprocess
 
 NUM_RANKS = 4
 TIMEOUT_S = 150.0
 TOKENS = 48  # per rank per step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- what each rank runs ----------------------------------------------------------------------
@@ -212,52 +202,16 @@ def _scenario_fault(rank: int) -> dict[str, Any]:
 SCENARIOS = {"blocking": _scenario_blocking, "incremental": _scenario_incremental, "fault": _scenario_fault}
 
 
-def _worker(rank: int, port: int, results: Any) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=NUM_RANKS, timeout=datetime.timedelta(seconds=60))
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results.put((rank, name, fn(rank)))
-            except Exception:
-                results.put((rank, name, {"exception": traceback.format_exc()}))
-                raise
-    finally:
-        dist.destroy_process_group()
+def _all_scenarios(rank: int, nprocs: int) -> dict[str, Any]:
+    assert nprocs == NUM_RANKS
+    return {name: fn(rank) for name, fn in SCENARIOS.items()}
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[dict[str, Any]]]:
-    """Scenario name -> per-rank result dicts."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, results), daemon=True) for r in range(NUM_RANKS)]
-    for p in procs:
-        p.start()
-    out: dict[str, list[dict[str, Any]]] = {name: [{} for _ in range(NUM_RANKS)] for name in SCENARIOS}
-    expected = NUM_RANKS * len(SCENARIOS)
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
-    got = 0
-    try:
-        while got < expected:
-            left = (deadline - datetime.datetime.now()).total_seconds()
-            try:
-                rank, name, data = results.get(timeout=max(left, 0.1))
-            except queue.Empty:
-                pytest.fail(f"the 4 ranks did not finish within {TIMEOUT_S} s ({got}/{expected} results)")
-            out[name][rank] = data
-            got += 1
-            if "exception" in data:
-                pytest.fail(f"rank {rank}, scenario {name}:\n{data['exception']}")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return out
+    """Scenario name -> per-rank result dicts (one process group for the whole module)."""
+    per_rank = values_or_raise(run_on_ranks(_all_scenarios, NUM_RANKS, timeout_s=TIMEOUT_S, pg_timeout_s=60))
+    return {name: [r[name] for r in per_rank] for name in SCENARIOS}
 
 
 TOL = 1e-9  # float64 model: only summation order differs between placements

@@ -269,8 +269,8 @@ def _print_report(r: dict[str, Any], num_windows: int) -> None:
     else:
         print(
             f"executed  {r['executed']} on {e['ranks']} local processes with the {e['executor']} executor "
-            f"({e['expert_bytes']} B per expert, {e['rounds']} rounds): {e['ranks_ok']}/{e['ranks']} ranks hold "
-            f"their target experts in every slot ({e['seconds']:.1f} s)"
+            f"({e['expert_bytes']} B per expert, {e['rounds']} rounds): {e['ranks_ok']}/{e['ranks']} "
+            f"ranks hold their target experts in every slot ({e['seconds']:.1f} s)"
         )
     print(f"wrote     {r['out']}/: {', '.join(r['files'])}")
     print(
@@ -373,7 +373,7 @@ def _rank_main(
     try:
         dist.init_process_group(
             "gloo",
-            store=dist.FileStore(store, n),
+            store=dist.FileStore(store, n),  # type: ignore[attr-defined]  # exported at runtime
             rank=rank,
             world_size=n,
             timeout=datetime.timedelta(seconds=timeout_s),

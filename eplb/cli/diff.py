@@ -66,7 +66,7 @@ def _read(path: str, num_ranks: int | None) -> tuple[str, Any]:
         kind = doc.get("type") if isinstance(doc, dict) else None
         if kind in ("schedule", "migration_plan"):
             try:
-                value = loads(p.read_bytes())
+                value: Any = loads(p.read_bytes())
             except SerdeError as exc:
                 first = str(exc).splitlines()[0]
                 raise CliError(
@@ -266,6 +266,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.exit_code and not doc["identical"] else 0
 
 
+def _cell(value: Any) -> str:
+    return f"{value[0]} -> {value[1]}" if isinstance(value, list) else str(value)
+
+
 def _print(doc: dict[str, Any], args: argparse.Namespace) -> None:
     w = sys.stdout.write
     if doc["kind"] == "placement":
@@ -285,9 +289,11 @@ def _print(doc: dict[str, Any], args: argparse.Namespace) -> None:
         w(f"current placement: {same}; target placement: {tgt}\n")
         w(f"{'total':<22} {'A':>16} {'B':>16} {'B - A':>16}\n")
         for key, (x, y) in doc["totals"].items():
-            fmt = (lambda v: f"{v * 1e3:.2f} ms") if key == "predicted_seconds" else str
-            delta = (lambda v: f"{v * 1e3:+.2f} ms") if key == "predicted_seconds" else (lambda v: f"{v:+d}")
-            w(f"{key:<22} {fmt(x):>16} {fmt(y):>16} {delta(y - x):>16}\n")
+            if key == "predicted_seconds":
+                cells = (f"{x * 1e3:.2f} ms", f"{y * 1e3:.2f} ms", f"{(y - x) * 1e3:+.2f} ms")
+            else:
+                cells = (str(x), str(y), f"{y - x:+d}")
+            w(f"{key:<22} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}\n")
         cols = [k for k in ("transfers", "rounds") if k in doc["layers"][0]]
         rank_cols = ["bytes_sent", "bytes_received"]
     for title, rows, keys in (("layer", doc["layers"], cols), ("rank", doc["ranks"], rank_cols)):
@@ -297,8 +303,5 @@ def _print(doc: dict[str, Any], args: argparse.Namespace) -> None:
             continue
         w(f"{title:>5} " + " ".join(f"{k:>24}" for k in keys) + "\n")
         for row in shown:
-            cells = []
-            for k in keys:
-                v = row[k]
-                cells.append(f"{v[0]} -> {v[1]}" if isinstance(v, list) else str(v))
-            w(f"{row[title]:>5} " + " ".join(f"{c:>24}" for c in cells) + "\n")
+            shown_cells = [_cell(row[k]) for k in keys]
+            w(f"{row[title]:>5} " + " ".join(f"{c:>24}" for c in shown_cells) + "\n")

@@ -8,6 +8,7 @@ bit-exact on every backend.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -43,8 +44,11 @@ def expert_bytes_of(layout: Layout) -> int:
     return sum(nbytes for nbytes, _ in layout)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def pattern(layer: int, expert: int, k: int, nbytes: int) -> torch.Tensor:
-    """``[nbytes]`` uint8: the ids in base 64 in the first 6 bytes, then an id-seeded ramp."""
+    """``[nbytes]`` uint8: the ids in base 64 in the first 6 bytes, then an id-seeded ramp.
+
+    Cached (tests build the same experts many times): never write into the result."""
     head = [expert % 64, expert // 64 % 64, expert // 4096 % 64, layer % 64, layer // 64 % 64, k % 64]
     values = (torch.arange(nbytes, dtype=torch.int64) * 7 + expert * 17 + layer * 31 + k * 5) % 61
     n = min(nbytes, len(head))

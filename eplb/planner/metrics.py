@@ -120,19 +120,25 @@ def imbalance(load: Any, placement: ModelPlacement | Any, *, num_ranks: int | No
 def max_rank_load_lower_bound(load: Any, *, num_ranks: int, num_physical_experts: int) -> F64:
     """``[num_layers]`` no placement can bring the busiest rank below this.
 
-    Two facts bound it: the busiest rank carries at least the mean, total / num_ranks; and an
-    expert's load splits over at most ``min(num_ranks, P - E + 1)`` ranks (every other expert needs
-    a slot, and replicas stacked on one rank add up on that rank), so the rank holding the hottest
-    expert carries at least ``max(load) / min(num_ranks, P - E + 1)``.
+    Three facts bound it: the busiest rank carries at least the mean, total / num_ranks; some
+    replica carries at least ``m*``, the least possible max load per replica when the ``P`` slots
+    are shared out (every expert needs one; the greedy "next slot to the highest load per replica"
+    reaches ``m*`` exactly), and the rank holding it carries at least that; and an expert's load
+    splits over at most ``num_ranks`` ranks, replicas stacked on one rank adding up.
     """
     arr = as_load_matrix(load)
-    spread = min(num_ranks, num_physical_experts - arr.shape[1] + 1)
-    if spread <= 0:
+    num_l, num_e = arr.shape
+    if num_physical_experts < num_e:
         raise InvalidValueError(
-            "num_physical_experts",
-            f"({num_physical_experts}) must be >= num_logical_experts ({arr.shape[1]}).",
+            "num_physical_experts", f"({num_physical_experts}) must be >= num_logical_experts ({num_e})."
         )
-    return np.asarray(np.maximum(arr.sum(axis=1) / num_ranks, arr.max(axis=1) / spread), dtype=np.float64)
+    counts = np.ones_like(arr)
+    rows = np.arange(num_l)
+    for _ in range(num_physical_experts - num_e):
+        counts[rows, np.argmax(arr / counts, axis=1)] += 1
+    per_replica = (arr / counts).max(axis=1)
+    bound = np.maximum.reduce([arr.sum(axis=1) / num_ranks, per_replica, arr.max(axis=1) / num_ranks])
+    return np.asarray(bound, dtype=np.float64)
 
 
 def balancedness_upper_bound(load: Any, *, num_ranks: int, num_physical_experts: int) -> F64:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import networkx as nx
@@ -110,13 +111,23 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
     units = [u for lay in layers for u in lay.units]
 
     # Windows by the round bound and an estimate of their staging; what they really hold (after
-    # direct landing and early unstaging) is known only once rounds exist. Over the budget:
-    # windows that bound the staging each layer's plan names, which always fit when every layer
-    # fits alone.
-    built = _build(plan, layers, _windows(units, layers, limits, budget, spread=True), limits)
-    if budget is not None and built[0] > budget:
-        built = _build(plan, layers, _windows(units, layers, limits, budget, spread=False), limits)
-    pool, before, transfers, after = built
+    # direct landing and early unstaging) is known only once rounds exist. A window over the
+    # budget is cut into parts in proportion to its excess; if one is still over, it is replaced
+    # by windows that bound the staging each layer's plan names, which always fit when every
+    # layer fits alone.
+    windows = _windows(units, layers, limits, budget, spread=True)
+    built = _build(plan, layers, windows, limits)
+    for last_try in (False, True):
+        if budget is None or max(built[0], default=0) <= budget:
+            break
+        windows = [
+            sub
+            for w, need in zip(windows, built[0], strict=True)
+            for sub in ([w] if need <= budget else _split(w, layers, limits, budget, need, last_try))
+        ]
+        built = _build(plan, layers, windows, limits)
+    pools, before, transfers, after = built
+    pool = max(pools, default=0)
     if budget is not None and pool > budget:
         raise PlanError(
             "plan needs more staging than the limits allow",
@@ -220,23 +231,39 @@ def _windows(
     return windows
 
 
-_Built = tuple[int, list[list[Copy]], list[list[Transfer]], list[list[Copy]]]
+def _split(
+    window: list[_Unit], layers: list[_Layer], limits: ScheduleLimits, budget: int, need: int, last: bool
+) -> list[list[_Unit]]:
+    """A window whose staging (``need``) exceeds ``budget``, in smaller windows: in proportion to
+    the excess, or (``last``) bounding the staging each layer's plan names."""
+    if last or len(window) == 1:
+        return _windows(window, layers, limits, budget, spread=False)
+    parts = min(len(window), -(-need // budget) + 1)
+    size = -(-len(window) // parts)
+    return [window[i : i + size] for i in range(0, len(window), size)]
+
+
+_Built = tuple[list[int], list[list[Copy]], list[list[Transfer]], list[list[Copy]]]
 
 
 def _build(
     plan: MigrationPlan, layers: list[_Layer], windows: list[list[_Unit]], limits: ScheduleLimits
 ) -> _Built:
-    """Rounds of every window, copies placed, staging buffers pooled: (pool, before, transfers, after)."""
+    """Rounds of every window, copies placed, staging buffers pooled.
+
+    Returns (staging buffers per rank each window needs, before, transfers, after)."""
     num_ranks = plan.topology.num_ranks
     rounds: list[list[_Pair]] = []
     first_round: dict[tuple[int, int], int] = {}  # (layer, level) -> first round of its window
-    for window in windows:
+    window_of: list[int] = []  # round -> its window
+    for w, window in enumerate(windows):
         pairs = [p for u in window for p in u.pairs]
         assignment = _colour(pairs, limits, num_ranks)
         base = len(rounds)
         n = max(assignment, default=-1) + 1
         order = _round_order(pairs, assignment, n)
         rounds.extend([] for _ in range(n))
+        window_of.extend([w] * n)
         for p, k in zip(pairs, assignment, strict=True):
             p.round = base + order[k]
             rounds[base + order[k]].append(p)
@@ -244,6 +271,7 @@ def _build(
             first_round[(u.layer, u.level)] = base
     if not rounds and any(lay.copies for lay in layers):
         rounds.append([])  # a plan of local copies only still needs one round to hold them
+        window_of.append(0)
 
     # --- copies: after the rank's last transfer of their unit, or before its first -------------
     before: list[list[Copy]] = [[] for _ in rounds]
@@ -274,7 +302,13 @@ def _build(
     for rnd in rounds:
         rnd.sort(key=lambda p: (p.send.layer, p.send.transfer_id))
         transfers.append([op for p in rnd for op in (p.send, recv_of.get(id(p), p.recv))])
-    return _rename_buffers(before, transfers, after)
+    pools, before, transfers, after = _rename_buffers(before, transfers, after, window_of)
+    return (
+        [max(pools.get(w, 0), 0) for w in range(max(len(windows), 1 if rounds else 0))],
+        before,
+        transfers,
+        after,
+    )
 
 
 def _round_order(pairs: Sequence[_Pair], assignment: Sequence[int], n: int) -> list[int]:
@@ -619,27 +653,35 @@ def _misra_gries(graph: nx.Graph) -> dict[tuple[int, int], int]:
 
 # --- staging buffers: plan-local names -> one pool per rank -----------------------------------
 def _rename_buffers(
-    before: list[list[Copy]], transfers: list[list[Transfer]], after: list[list[Copy]]
-) -> tuple[int, list[list[Copy]], list[list[Transfer]], list[list[Copy]]]:
-    """Give every staged value a pool buffer free for its whole live range; returns the pool size."""
+    before: list[list[Copy]],
+    transfers: list[list[Transfer]],
+    after: list[list[Copy]],
+    window_of: Sequence[int],
+) -> tuple[dict[int, int], list[list[Copy]], list[list[Transfer]], list[list[Copy]]]:
+    """Give every staged value a pool buffer free for its whole live range.
+
+    Returns the most buffers any rank holds at once in each window (by the window of the round
+    where a value is written), and the rounds with buffers renamed (lists changed in place).
+    """
     # value: (layer, rank, plan index, generation); live range [start, end] in execution time.
     gen: dict[tuple[int, int, int], int] = defaultdict(int)
     live: dict[tuple[int, int, int, int], list[tuple[int, int, int]]] = {}
-    uses: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {}  # (round, section, i, role)
+    # (list, position, role) of every op naming a buffer, and the value it names.
+    uses: list[tuple[list[Any], int, str, tuple[int, int, int, int]]] = []
 
     def touch(
-        op_key: tuple[int, int, int, str],
-        layer: int,
-        rank: int,
+        ops: list[Any],
+        i: int,
+        role: str,
+        op: Copy | Transfer,
         loc: Loc,
         t: tuple[int, int, int],
         write: bool,
     ) -> None:
-        key = (layer, rank, loc.index)
+        key = (op.layer, op.rank, loc.index)
         if write:
             gen[key] += 1
-        g = gen[key]
-        value = (*key, g)
+        value = (*key, gen[key])
         if write:
             live[value] = [t, t]
         elif value not in live:
@@ -649,31 +691,33 @@ def _rename_buffers(
                     Violation(
                         what=f"reads staging buffer {loc} before any op of the layer wrote it",
                         fix="write the buffer earlier in the same layer",
-                        layer=layer,
-                        rank=rank,
+                        layer=op.layer,
+                        rank=op.rank,
                     )
                 ],
             )
         else:
             live[value][1] = t
-        uses[op_key] = value
+        uses.append((ops, i, role, value))
 
     for k in range(len(transfers)):
-        for sec, ops in ((0, before[k]), (2, after[k])):
-            for i, c in enumerate(ops):
-                if c.src.is_buffer:
-                    touch((k, sec, i, "src"), c.layer, c.rank, c.src, (k, sec, i), False)
-                if c.dst.is_buffer:
-                    touch((k, sec, i, "dst"), c.layer, c.rank, c.dst, (k, sec, i), True)
+        for sec, copies in ((0, before[k]), (2, after[k])):
+            for i, c in enumerate(copies):
+                if c.src.kind == "buffer":
+                    touch(copies, i, "src", c, c.src, (k, sec, i), False)
+                if c.dst.kind == "buffer":
+                    touch(copies, i, "dst", c, c.dst, (k, sec, i), True)
             if sec == 0:
-                for i, op in enumerate(transfers[k]):
-                    if isinstance(op, Send) and op.src.is_buffer:
-                        touch((k, 1, i, "src"), op.layer, op.rank, op.src, (k, 1, 0), False)
-                for i, op in enumerate(transfers[k]):
-                    if isinstance(op, Recv) and op.dst.is_buffer:
-                        touch((k, 1, i, "dst"), op.layer, op.rank, op.dst, (k, 1, 0), True)
+                group = transfers[k]
+                for i, op in enumerate(group):
+                    if isinstance(op, Send) and op.src.kind == "buffer":
+                        touch(group, i, "src", op, op.src, (k, 1, 0), False)
+                for i, op in enumerate(group):
+                    if isinstance(op, Recv) and op.dst.kind == "buffer":
+                        touch(group, i, "dst", op, op.dst, (k, 1, 0), True)
+    peaks: dict[int, int] = {}
     if not live:
-        return 0, before, transfers, after
+        return peaks, before, transfers, after
 
     # Interval colouring per rank, by start: reuse a buffer whose value ended strictly earlier.
     index: dict[tuple[int, int, int, int], int] = {}
@@ -682,7 +726,6 @@ def _rename_buffers(
     )
     for value, (start, end) in live.items():
         by_rank[value[1]].append((start, end, value))
-    pool = 0
     for items in by_rank.values():
         items.sort()
         busy: list[tuple[tuple[int, int, int], int]] = []
@@ -697,26 +740,32 @@ def _rename_buffers(
                 idx, count = count, count + 1
             index[value] = idx
             heapq.heappush(busy, (end, idx))
-        pool = max(pool, count)
+            w = window_of[start[0]]
+            if peaks.get(w, 0) < len(busy):
+                peaks[w] = len(busy)
 
-    def fix(op_key: tuple[int, int, int, str], loc: Loc) -> Loc:
-        value = uses.get(op_key)
-        return loc if value is None else Loc.buffer(index[value])
-
-    def fix_copy(k: int, sec: int, i: int, c: Copy) -> Copy:
-        src, dst = fix((k, sec, i, "src"), c.src), fix((k, sec, i, "dst"), c.dst)
-        return c if (src, dst) == (c.src, c.dst) else attrs.evolve(c, src=src, dst=dst)
-
-    def fix_transfer(k: int, i: int, op: Transfer) -> Transfer:
-        if isinstance(op, Send):
-            src = fix((k, 1, i, "src"), op.src)
-            return op if src == op.src else attrs.evolve(op, src=src)
-        dst = fix((k, 1, i, "dst"), op.dst)
-        return op if dst == op.dst else attrs.evolve(op, dst=dst)
-
-    return (
-        pool,
-        [[fix_copy(k, 0, i, c) for i, c in enumerate(ops)] for k, ops in enumerate(before)],
-        [[fix_transfer(k, i, op) for i, op in enumerate(ops)] for k, ops in enumerate(transfers)],
-        [[fix_copy(k, 2, i, c) for i, c in enumerate(ops)] for k, ops in enumerate(after)],
-    )
+    for ops, i, role, value in uses:
+        op = ops[i]
+        loc = Loc.buffer(index[value])
+        if isinstance(op, Copy):
+            src, dst = (loc, op.dst) if role == "src" else (op.src, loc)
+            ops[i] = Copy(layer=op.layer, rank=op.rank, src=src, dst=dst, expert=op.expert)
+        elif isinstance(op, Send):
+            ops[i] = Send(
+                layer=op.layer,
+                transfer_id=op.transfer_id,
+                src_rank=op.src_rank,
+                dst_rank=op.dst_rank,
+                src=loc,
+                expert=op.expert,
+            )
+        else:
+            ops[i] = Recv(
+                layer=op.layer,
+                transfer_id=op.transfer_id,
+                src_rank=op.src_rank,
+                dst_rank=op.dst_rank,
+                dst=loc,
+                expert=op.expert,
+            )
+    return peaks, before, transfers, after

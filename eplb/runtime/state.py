@@ -430,12 +430,16 @@ class EplbState:
         self._reports.append(report)
         if self.rank == 0:
             logger.info("Rearranging experts (#%d)...", report.index)
-        with _phase(report, "gather"):
-            load = self.global_load().numpy()
-        with _phase(report, "policy"):
-            target = self._plan_target(load)
-        with _phase(report, "agree"):
-            target = self._agree_target(target)
+        try:
+            with _phase(report, "gather"):
+                load = self.global_load().numpy()
+            with _phase(report, "policy"):
+                target = self._plan_target(load)
+            with _phase(report, "agree"):
+                target = self._agree_target(target)
+        except Exception as exc:  # nothing moved: every layer keeps its placement and status
+            report.error, report.done = f"{type(exc).__name__}: {exc}", True
+            raise
         current = self._placement
         report.balancedness_before = metrics.model_balancedness(load, current)
         report.balancedness_after = metrics.model_balancedness(load, target)
@@ -557,7 +561,13 @@ class EplbState:
                 completed = [False] * len(chunk)
                 untouched = [False] * len(chunk)
         with _phase(report, "vote"):
-            completed, untouched, any_error = self._vote(completed, untouched, error is not None)
+            # A failure every rank agreed on inside the executor (ExecutionError naming failed
+            # ranks) leaves the group usable; a timeout or transport error may not: gloo closes
+            # the pair on a timeout. All ranks learn both in one vote, so they stay in step.
+            clean = error is None or (isinstance(error, ExecutionError) and bool(error.failed_ranks))
+            completed, untouched, any_error, group_ok = self._vote(
+                completed, untouched, error is not None, clean
+            )
         phase = "restore" if any_error else "commit"
         with _phase(report, phase):
             for i, layer in enumerate(chunk):
@@ -576,9 +586,7 @@ class EplbState:
                     self._status[layer] = LayerStatus.CORRUPT
                     report.layers_corrupt.append(layer)
         if any_error:
-            if self.group is not None and not isinstance(error, ExecutionError | None):
-                # A transport error or timeout may leave the group's connections closed (gloo
-                # closes the pair on a timeout), so it must not carry the next rearrangement.
+            if self.group is not None and not group_ok:
                 self.needs_new_group = True
             what = f"{type(error).__name__}: {error}" if error is not None else "a fault on another rank"
             report.error = what
@@ -596,16 +604,18 @@ class EplbState:
             ) from error
 
     def _vote(
-        self, completed: list[bool], untouched: list[bool], failed: bool
-    ) -> tuple[list[bool], list[bool], bool]:
-        """All ranks agree: a layer is complete (or untouched) only if it is on every rank."""
+        self, completed: list[bool], untouched: list[bool], failed: bool, group_ok: bool
+    ) -> tuple[list[bool], list[bool], bool, bool]:
+        """All ranks agree: a layer is complete (or untouched) only if it is on every rank; the
+        run failed if it failed anywhere; the transfer group is usable only if usable everywhere.
+        Returns (completed, untouched, failed, group_ok)."""
         if self.control_group is None:
-            return completed, untouched, failed
-        flags = torch.tensor([*completed, *untouched, not failed], dtype=torch.int64)
+            return completed, untouched, failed, group_ok
+        flags = torch.tensor([*completed, *untouched, not failed, group_ok], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.control_group)
         n = len(completed)
         out = [bool(x) for x in flags.tolist()]
-        return out[:n], out[n : 2 * n], not out[-1]
+        return out[:n], out[n : 2 * n], not out[-2], out[-1]
 
     def _commit_layer(self, layer: int, placement: Placement) -> None:
         # copy_ into the existing rows: the tensors' storage (seen by CUDA graphs) never changes.
@@ -656,6 +666,15 @@ class EplbState:
                         range(self.topology.slots_per_rank),
                         self.config.backup_device,
                     )
+        if self.control_group is not None:
+            with _phase(report, "gather"):
+                # The collectives a rearrangement makes on the control group, once, so their
+                # connections and buffers exist before the first real one.
+                probe = torch.zeros(
+                    self._placement.num_layers, self._placement.num_logical_experts, dtype=torch.int64
+                )
+                dist.all_reduce(probe, group=self.control_group)
+                dist.broadcast(probe, group_src(self.control_group), group=self.control_group)
         if self.num_ranks > 1:
             executor = self.executor()
             warmup = getattr(executor, "warmup", None)

@@ -1,0 +1,236 @@
+"""``eplb run PLAN.json --backend NAME``: run a plan or schedule across local processes and check it.
+
+Without torchrun: one process per rank of the plan's topology, gloo on CPU. Under torchrun
+(``RANK`` / ``WORLD_SIZE`` set): this process is one rank, on ``cuda:LOCAL_RANK`` with NCCL when
+CUDA is present. ``--backend local`` runs every rank in this process. Weights are synthetic:
+every byte encodes (layer, logical expert, tensor index), so after the run each slot is checked
+against its target expert. Exit status 0 when every slot holds its target, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import queue
+import tempfile
+import time
+from typing import Any
+
+from eplb.cli._common import CliError
+
+DTYPES = ("float16", "bfloat16", "float32", "uint8")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a plan across local processes (gloo on CPU, or one process per GPU under torchrun)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "plan", metavar="PLAN.json", help="a schedule, or a migration plan (scheduled with defaults)"
+    )
+    p.add_argument("--backend", default="cpu_staged", help="local, p2p, alltoall or cpu_staged (default)")
+    p.add_argument(
+        "--nprocs", type=int, default=None, help="processes to spawn; must equal the topology's ranks"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the synthetic weight tensors")
+    p.add_argument(
+        "--expert-bytes", type=int, default=None, help="run with experts of this size instead of the plan's"
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
+    p.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import attrs
+
+    from eplb.ir import MigrationPlan, Schedule, loads
+    from eplb.planner.schedule import schedule
+
+    try:
+        with open(args.plan, encoding="utf-8") as fh:
+            doc: Any = loads(fh.read())
+    except OSError as exc:
+        raise CliError(
+            f"cannot read {args.plan}: {exc.strerror}; pass a plan or schedule JSON file."
+        ) from None
+    if isinstance(doc, MigrationPlan):
+        plan = doc
+        sched = None
+    elif isinstance(doc, Schedule):
+        plan, sched = doc.plan, doc
+    else:
+        raise CliError(f"{args.plan} holds a {type(doc).__name__}; pass a migration plan or a schedule.")
+    if args.expert_bytes is not None:
+        if args.expert_bytes <= 0:
+            raise CliError(f"--expert-bytes must be positive (got {args.expert_bytes}).")
+        plan = attrs.evolve(plan, expert_bytes=args.expert_bytes)
+        sched = attrs.evolve(sched, plan=plan) if sched is not None else None
+    return sched if sched is not None else schedule(plan)
+
+
+def _layout(sched: Any, dtype_name: str) -> Any:
+    import torch
+
+    from eplb.executors.synthetic import tensor_layout
+
+    return tensor_layout(sched.plan.expert_bytes, getattr(torch, dtype_name))
+
+
+def _rank_main(
+    rank: int, sched: Any, backend: str, dtype_name: str, timeout: float, device: str
+) -> dict[str, Any]:
+    """One rank: synthetic weights, run, check. Returns a picklable summary."""
+    from eplb.executors import executor_class
+    from eplb.executors.synthetic import make_rank_weights, mismatches
+
+    cls = executor_class(backend)
+    weights = make_rank_weights(
+        sched.plan.current, rank, sched.plan.topology.slots_per_rank, _layout(sched, dtype_name), device
+    )
+    report = cls(cls.Config(timeout_s=timeout)).run(sched, weights)
+    return {
+        "rank": rank,
+        "report": str(report),
+        "wall": report.wall_seconds,
+        "bad": mismatches(weights, sched.plan.target, rank),
+    }
+
+
+def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            store=dist.FileStore(store_path, world),  # type: ignore[attr-defined]
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=float(args[3]) * 2),
+        )
+        sched, backend, dtype_name, timeout = args
+        results.put(_rank_main(rank, sched, backend, dtype_name, timeout, "cpu"))
+    except BaseException as exc:
+        results.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    from eplb.executors import EXECUTORS
+
+    if args.backend not in EXECUTORS:
+        raise CliError(f"unknown backend {args.backend!r}; choose one of {', '.join(sorted(EXECUTORS))}.")
+    sched = _load(args)
+    world = sched.plan.topology.num_ranks
+    if args.nprocs is not None and args.nprocs != world:
+        raise CliError(
+            f"--nprocs {args.nprocs} does not match the plan's topology ({world} ranks); "
+            f"use --nprocs {world} or leave it out."
+        )
+    if args.backend == "local":
+        return _run_local(sched, args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _run_torchrun(sched, args)
+    return _run_spawned(sched, args, world)
+
+
+def _run_local(sched: Any, args: argparse.Namespace) -> int:
+    from eplb.executors import LocalExecutor
+    from eplb.executors.synthetic import make_rank_weights, mismatches
+
+    layout = _layout(sched, args.dtype)
+    s = sched.plan.topology.slots_per_rank
+    weights = [
+        make_rank_weights(sched.plan.current, r, s, layout) for r in range(sched.plan.topology.num_ranks)
+    ]
+    report = LocalExecutor().run_ranks(sched, weights)
+    bad = [m for r, w in enumerate(weights) for m in mismatches(w, sched.plan.target, r)]
+    return _summarise(
+        sched, args, [{"rank": None, "report": str(report), "wall": report.wall_seconds, "bad": bad}]
+    )
+
+
+def _run_torchrun(sched: Any, args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout * 2))
+    try:
+        if dist.get_world_size() != sched.plan.topology.num_ranks:
+            raise CliError(
+                f"torchrun started {dist.get_world_size()} processes but the plan has "
+                f"{sched.plan.topology.num_ranks} ranks; use --nproc-per-node to match."
+            )
+        rank = dist.get_rank()
+        device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+        out = _rank_main(rank, sched, args.backend, args.dtype, args.timeout, device)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, out)
+        return _summarise(sched, args, gathered) if rank == 0 else (1 if out["bad"] else 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_spawned(sched: Any, args: argparse.Namespace, world: int) -> int:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    got: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        call = (sched, args.backend, args.dtype, args.timeout)
+        procs = [
+            ctx.Process(
+                target=_spawned, args=(r, world, os.path.join(tmp, "store"), call, results), daemon=True
+            )
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + args.timeout * 3 + 60
+        while len(got) < world and time.monotonic() < deadline:
+            try:
+                res = results.get(timeout=1.0)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs):
+                    break
+                continue
+            got[res["rank"]] = res
+        for p in procs:  # only the processes started here
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    errors = [
+        f"rank {r}: {got[r]['error']}" if r in got else f"rank {r}: no answer"
+        for r in range(world)
+        if "error" in got.get(r, {"error": 1})
+    ]
+    if errors:
+        raise CliError("the run failed:\n" + "\n".join(errors))
+    return _summarise(sched, args, [got[r] for r in range(world)])
+
+
+def _summarise(sched: Any, args: argparse.Namespace, outs: list[dict[str, Any]]) -> int:
+    bad = [m for o in outs for m in o["bad"]]
+    for o in outs:
+        print(o["report"])
+    slowest = max(o["wall"] for o in outs)
+    verdict = "every slot holds its target expert" if not bad else f"{len(bad)}+ slot(s) WRONG"
+    print(
+        f"eplb run: {args.backend} on {sched.plan.topology.num_ranks} rank(s), {sched.num_rounds} rounds, "
+        f"{sched.plan.bytes_moved} B moved, slowest rank {slowest * 1e3:.2f} ms: {verdict}"
+    )
+    for line in bad[:10]:
+        print(f"  {line}")
+    return 1 if bad else 0
