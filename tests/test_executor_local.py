@@ -131,11 +131,8 @@ def test_failure_names_op_layer_round_rank_and_layer_states() -> None:
     assert err.rank == 1 and err.round == fail_round
     assert set(err.completed_layers) | set(err.partial_layers) | set(err.untouched_layers) == {0, 1, 2}
     assert err.layer in err.partial_layers
-    for layer in err.completed_layers:
-        assert all(
-            mismatches([weights[r][layer]], ModelPlacement(layers=(tgt.layers[layer],)), r) == []
-            for r in range(2)
-        )
+    assert all(mismatches(weights[r], tgt, r, layers=err.completed_layers) == [] for r in range(2))
+    assert all(mismatches(weights[r], cur, r, layers=err.untouched_layers) == [] for r in range(2))
 
 
 def test_select_prefers_p2p_on_one_nvlink_node_and_explains_refusals() -> None:

@@ -250,21 +250,11 @@ def _raising_worker(rank: int, world: int, bad_rank: int, bad_round: int) -> dic
         out = _error_fields(exc)
         out["seconds"] = time.monotonic() - t0
         # What the error promises about each layer holds for this rank's weights.
-        out["completed_ok"] = all(
-            not _layer_mismatch(weights, tgt, rank, layer, mismatches) for layer in exc.completed_layers
-        )
-        out["untouched_ok"] = all(
-            not _layer_mismatch(weights, cur, rank, layer, mismatches) for layer in exc.untouched_layers
-        )
+        out["completed_ok"] = not mismatches(weights, tgt, rank, layers=exc.completed_layers)
+        out["untouched_ok"] = not mismatches(weights, cur, rank, layers=exc.untouched_layers)
         out["num_rounds"] = sched.num_rounds
         return out
     return {"type": None}
-
-
-def _layer_mismatch(weights: Any, placement: Any, rank: int, layer: int, mismatches: Any) -> list[str]:
-    from eplb.ir import ModelPlacement
-
-    return mismatches([weights[layer]], ModelPlacement(layers=(placement.layers[layer],)), rank)
 
 
 def test_rank_raising_mid_run_ends_every_rank_with_its_error() -> None:

@@ -61,7 +61,9 @@ def test_lower_bound_holds_for_any_placement(case: tuple[np.ndarray, ModelPlacem
         load, num_ranks=mp.num_ranks, num_physical_experts=mp.num_physical_experts
     )
     assert (metrics.rank_loads(load, mp).max(axis=1) >= lb * (1 - 1e-12)).all()
-    ub = metrics.balancedness_upper_bound(load, num_ranks=mp.num_ranks, num_physical_experts=mp.num_physical_experts)
+    ub = metrics.balancedness_upper_bound(
+        load, num_ranks=mp.num_ranks, num_physical_experts=mp.num_physical_experts
+    )
     assert (metrics.balancedness(load, mp) <= ub + 1e-12).all()
 
 

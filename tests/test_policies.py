@@ -172,7 +172,6 @@ def test_deepseek_port_matches_torch_reference(case: Any, seed: int) -> None:
 
 
 # --- properties of every policy -------------------------------------------------------------------
-@settings(max_examples=60)
 @given(cases(), st.sampled_from(["deepseek", "balanced", "migration_aware"]))
 def test_every_policy_is_valid_pure_and_deterministic(case: Any, name: str) -> None:
     load, topo, groups = case
@@ -193,7 +192,6 @@ def test_balanced_never_below_deepseek(case: Any) -> None:
     assert (ours >= ds - 1e-9).all(), (ours, ds)
 
 
-@settings(max_examples=60)
 @given(cases())
 def test_balanced_spreads_replicas_and_keeps_nodes(case: Any) -> None:
     """Without the DeepSeek floor, an expert never has two copies on one rank unless it has more
@@ -212,7 +210,6 @@ def test_balanced_spreads_replicas_and_keeps_nodes(case: Any) -> None:
             assert all(len(n) == 1 for n in nodes_of_group.values())
 
 
-@settings(max_examples=60)
 @given(cases())
 def test_balanced_floor_layers_are_the_only_spread_exceptions(case: Any) -> None:
     load, topo, groups = case
@@ -237,12 +234,13 @@ def test_balanced_hierarchical_option() -> None:
     hier = rebalance(load, topo, num_groups=8)
     flat = rebalance(load, topo, num_groups=8, hierarchical=False)
     assert metrics.model_balancedness(load, flat) >= metrics.model_balancedness(load, hier) - 1e-9
-    with pytest.raises(InvalidValueError, match=r"'hierarchical' needs num_groups \(3\) to be a multiple of num_nodes \(2\)"):
+    with pytest.raises(
+        InvalidValueError, match=r"'hierarchical' needs num_groups \(3\) to be a multiple of num_nodes \(2\)"
+    ):
         rebalance(rng.random((1, 12)), make_topology(8, 16, 2), num_groups=3, hierarchical=True)
 
 
 # --- migration_aware ------------------------------------------------------------------------------
-@settings(max_examples=60)
 @given(cases(), st.sampled_from([0.0, 0.01, 0.05]))
 def test_migration_aware_moves_nothing_when_load_is_unchanged(case: Any, tol: float) -> None:
     load, topo, groups = case
@@ -253,12 +251,13 @@ def test_migration_aware_moves_nothing_when_load_is_unchanged(case: Any, tol: fl
     assert own == again
 
 
-@settings(max_examples=60)
 @given(cases(), st.data(), st.sampled_from([0.0, 0.005, 0.02, 0.1]))
 def test_migration_aware_within_tolerance_of_fresh_plan(case: Any, data: Any, tol: float) -> None:
     load, topo, groups = case
     old = data.draw(load_matrices(num_layers=load.shape[0], num_logical_experts=load.shape[1]))
-    current = rebalance(old, topo, num_groups=groups, policy=data.draw(st.sampled_from(["deepseek", "balanced"])))
+    current = rebalance(
+        old, topo, num_groups=groups, policy=data.draw(st.sampled_from(["deepseek", "balanced"]))
+    )
     out = rebalance(load, topo, num_groups=groups, current=current, tolerance=tol)
     fresh = metrics.balancedness(load, rebalance(load, topo, num_groups=groups))
     assert (metrics.balancedness(load, out) >= fresh - tol - 1e-9).all()
@@ -286,7 +285,9 @@ def test_migration_aware_rejects_bad_tolerance() -> None:
     load = np.ones((1, 4))
     topo = make_topology(2, 4)
     cur = rebalance(load, topo)
-    with pytest.raises(InvalidValueError, match=r"'tolerance' must be in \[0, 1\) balancedness points \(got -0.1\)"):
+    with pytest.raises(
+        InvalidValueError, match=r"'tolerance' must be in \[0, 1\) balancedness points \(got -0.1\)"
+    ):
         plan_migration_aware(load, topo, num_groups=1, current=cur, tolerance=-0.1)
 
 
@@ -295,7 +296,9 @@ def test_registry_lists_builtins_and_accepts_new_policies() -> None:
     assert {"deepseek", "balanced", "migration_aware"} <= set(available_policies())
 
     @register_policy("test_trivial")
-    def trivial(load: np.ndarray, topology: Topology, *, num_groups: int, current: Any = None) -> ModelPlacement:
+    def trivial(
+        load: np.ndarray, topology: Topology, *, num_groups: int, current: Any = None
+    ) -> ModelPlacement:
         return ModelPlacement.trivial(
             num_layers=load.shape[0],
             num_logical_experts=load.shape[1],
@@ -311,13 +314,18 @@ def test_registry_lists_builtins_and_accepts_new_policies() -> None:
 
 
 def test_unknown_policy_lists_available() -> None:
-    with pytest.raises(InvalidValueError, match=r"'policy' must be one of balanced, deepseek, .*migration_aware.* \(got 'nope'\)"):
+    with pytest.raises(
+        InvalidValueError,
+        match=r"'policy' must be one of balanced, deepseek, .*migration_aware.* \(got 'nope'\)",
+    ):
         get_policy("nope")
 
 
 def test_policy_returning_wrong_shape_is_reported() -> None:
     def bad(load: np.ndarray, topology: Topology, *, num_groups: int, current: Any = None) -> ModelPlacement:
-        return ModelPlacement.trivial(num_layers=1, num_logical_experts=2, num_physical_experts=2, num_ranks=1)
+        return ModelPlacement.trivial(
+            num_layers=1, num_logical_experts=2, num_physical_experts=2, num_ranks=1
+        )
 
     with pytest.raises(Exception, match=r"policy .*bad.* returned \(layers, experts, slots, ranks\)"):
         rebalance(np.ones((1, 4)), make_topology(2, 4), policy=bad)
@@ -330,17 +338,29 @@ TOPO = make_topology(4, 8)
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"load": [[1.0, float("nan"), 1.0, 1.0]]}, r"'load\[0, 1\]' must be finite \(got nan; 1 such entries\)"),
+        (
+            {"load": [[1.0, float("nan"), 1.0, 1.0]]},
+            r"'load\[0, 1\]' must be finite \(got nan; 1 such entries\)",
+        ),
         ({"load": [[1.0, float("inf"), 1.0, 1.0]]}, r"'load\[0, 1\]' must be finite \(got inf"),
         ({"load": [[1.0, -2.0, 1.0, 1.0]]}, r"'load\[0, 1\]' must be >= 0 \(got -2.0"),
         ({"load": [1.0, 2.0]}, r"'load' must have 2 dimensions .* \(got shape \(2,\)\); wrap a single layer"),
         ({"load": [[[1.0]]]}, r"'load' must have 2 dimensions .* \(got shape \(1, 1, 1\)\); sum over steps"),
         ({"load": [[1.0, 2.0], [1.0]]}, r"'load' must be a rectangular"),
-        ({"load": np.ones((1, 9))}, r"'load' has 9 experts but the topology has only 8 slots \(4 ranks x 2\); .* use at least 3 slots per rank"),
-        ({"load": np.ones((1, 6)), "num_groups": 4}, r"'num_groups' \(4\) must divide num_logical_experts \(6\); use one of"),
+        (
+            {"load": np.ones((1, 9))},
+            r"'load' has 9 experts but the topology has only 8 slots \(4 ranks x 2\); .* use at least 3 slots per rank",
+        ),
+        (
+            {"load": np.ones((1, 6)), "num_groups": 4},
+            r"'num_groups' \(4\) must divide num_logical_experts \(6\); use one of",
+        ),
         ({"load": np.ones((1, 6)), "num_groups": 0}, r"'num_groups' must be an int > 0 \(got 0\)"),
         ({"load": np.ones((1, 6)), "policy": "nope"}, r"'policy' must be one of"),
-        ({"load": np.ones((1, 6)), "frobnicate": 1}, r"'options' \['frobnicate'\] are not options of policy 'balanced'; it accepts"),
+        (
+            {"load": np.ones((1, 6)), "frobnicate": 1},
+            r"'options' \['frobnicate'\] are not options of policy 'balanced'; it accepts",
+        ),
     ],
 )
 def test_bad_input_is_rejected(kwargs: dict[str, Any], match: str) -> None:
@@ -352,14 +372,22 @@ def test_bad_input_is_rejected(kwargs: dict[str, Any], match: str) -> None:
 @pytest.mark.parametrize(
     ("current", "match"),
     [
-        (ModelPlacement.trivial(num_layers=1, num_logical_experts=6, num_physical_experts=8, num_ranks=2),
-         r"'current.num_ranks' is 2 but the topology has 4; plan from scratch with current=None"),
-        (ModelPlacement.trivial(num_layers=1, num_logical_experts=6, num_physical_experts=12, num_ranks=4),
-         r"'current.num_physical_experts' is 12 but the topology has 8"),
-        (ModelPlacement.trivial(num_layers=1, num_logical_experts=5, num_physical_experts=8, num_ranks=4),
-         r"'current.num_logical_experts' is 5 but the load has 6"),
-        (ModelPlacement.trivial(num_layers=2, num_logical_experts=6, num_physical_experts=8, num_ranks=4),
-         r"'current.num_layers' is 2 but the load has 1"),
+        (
+            ModelPlacement.trivial(num_layers=1, num_logical_experts=6, num_physical_experts=8, num_ranks=2),
+            r"'current.num_ranks' is 2 but the topology has 4; plan from scratch with current=None",
+        ),
+        (
+            ModelPlacement.trivial(num_layers=1, num_logical_experts=6, num_physical_experts=12, num_ranks=4),
+            r"'current.num_physical_experts' is 12 but the topology has 8",
+        ),
+        (
+            ModelPlacement.trivial(num_layers=1, num_logical_experts=5, num_physical_experts=8, num_ranks=4),
+            r"'current.num_logical_experts' is 5 but the load has 6",
+        ),
+        (
+            ModelPlacement.trivial(num_layers=2, num_logical_experts=6, num_physical_experts=8, num_ranks=4),
+            r"'current.num_layers' is 2 but the load has 1",
+        ),
     ],
 )
 def test_current_of_wrong_shape_is_rejected(current: ModelPlacement, match: str) -> None:
@@ -368,7 +396,10 @@ def test_current_of_wrong_shape_is_rejected(current: ModelPlacement, match: str)
 
 
 def test_slots_not_multiple_of_ranks() -> None:
-    with pytest.raises(InvalidValueError, match=r"'num_physical_experts' \(300\) must be a multiple of num_ranks \(32\); use 288 or 320"):
+    with pytest.raises(
+        InvalidValueError,
+        match=r"'num_physical_experts' \(300\) must be a multiple of num_ranks \(32\); use 288 or 320",
+    ):
         make_topology(32, 300)
 
 

@@ -52,7 +52,9 @@ def test_readme_example_as_ir_json(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_sglang_format_and_load_object(tmp_path: Path) -> None:
     load = write_json(tmp_path / "load.json", {"load": README_LOAD})
     out = tmp_path / "sglang.json"
-    assert run("--load", str(load), *SHAPE, "--policy", "deepseek", "--format", "sglang", "--out", str(out)) == 0
+    assert (
+        run("--load", str(load), *SHAPE, "--policy", "deepseek", "--format", "sglang", "--out", str(out)) == 0
+    )
     assert json.loads(out.read_text()) == {"physical_to_logical_map": README_P2L}
 
 
@@ -99,7 +101,11 @@ def test_current_placement_makes_migration_aware_plan(
     [
         (None, ["--load", "{d}/missing.json"], r"cannot read .*missing.json: .*check the path"),
         ("bad.json:{", ["--load", "{d}/bad.json"], r"bad.json is not valid JSON"),
-        ("load.csv:1,2", ["--load", "{d}/load.csv"], r"unknown load format '.csv'; use one of .json, .npy, .pt"),
+        (
+            "load.csv:1,2",
+            ["--load", "{d}/load.csv"],
+            r"unknown load format '.csv'; use one of .json, .npy, .pt",
+        ),
         ('obj.json:{"x": 1}', ["--load", "{d}/obj.json"], r"a JSON object needs a 'load' key"),
         ("nan.json:[[1, NaN]]", ["--load", "{d}/nan.json"], r"nan.json: 'load\[0, 1\]' must be finite"),
         ("neg.json:[[1, -1]]", ["--load", "{d}/neg.json"], r"neg.json: 'load\[0, 1\]' must be >= 0"),
@@ -127,7 +133,10 @@ def test_bad_npy(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--ranks", "7", "--slots", "16"], r"'num_physical_experts' \(16\) must be a multiple of num_ranks \(7\); use 14 or 21"),
+        (
+            ["--ranks", "7", "--slots", "16"],
+            r"'num_physical_experts' \(16\) must be a multiple of num_ranks \(7\); use 14 or 21",
+        ),
         (["--slots", "8", "--ranks", "8"], r"has 12 experts but the topology has only 8 slots"),
         (["--groups", "5"], r"'num_groups' \(5\) must divide num_logical_experts \(12\)"),
         (["--tolerance", "0.1"], r"--tolerance applies to migration_aware, not balanced"),
@@ -146,7 +155,10 @@ def test_bad_current_files(tmp_path: Path) -> None:
     load = write_json(tmp_path / "load.json", README_LOAD)
     out = tmp_path / "out.json"
     wrong = write_json(tmp_path / "wrong.json", {"physical_to_logical_map": [[0, 1, 2]]})
-    with pytest.raises(CliError, match=r"wrong.json: bad physical_to_logical_map: .*has 3 slots, fewer than num_logical_experts \(12\)"):
+    with pytest.raises(
+        CliError,
+        match=r"wrong.json: bad physical_to_logical_map: .*has 3 slots, fewer than num_logical_experts \(12\)",
+    ):
         run("--load", str(load), *SHAPE, "--current", str(wrong), "--out", str(out))
     other = write_json(tmp_path / "other.json", {"foo": 1})
     with pytest.raises(CliError, match=r"other.json: not a placement; expected eplb IR JSON"):

@@ -9,7 +9,7 @@ bit-exact on every backend.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -89,12 +89,14 @@ def mismatches(
     placement: ModelPlacement,
     rank: int,
     *,
+    layers: Collection[int] | None = None,
     limit: int = 10,
 ) -> list[str]:
-    """Slots of ``rank`` whose bytes differ from their expert's under ``placement`` (at most ``limit``)."""
+    """Slots of ``rank`` whose bytes differ from their expert's under ``placement`` (at most
+    ``limit``), in ``layers`` only if given."""
     problems: list[str] = []
     for layer, lp in enumerate(placement.layers):
-        if rank >= lp.num_ranks:
+        if rank >= lp.num_ranks or (layers is not None and layer not in layers):
             continue
         for k, t in enumerate(weights[layer]):
             raw = t.detach().cpu().contiguous().view(torch.uint8).reshape(t.shape[0], -1)

@@ -43,6 +43,11 @@ def _check_int(name: str, value: object) -> None:
 
 def int_tuple(values: Iterable[Any]) -> tuple[int, ...]:
     """Accept any iterable of integers (list, tuple, numpy array) and freeze it."""
+    if type(values) in (list, tuple) and all(type(v) is int for v in values):
+        return tuple(values)  # fast path: placements hold ~1e4 ids per model
+    tolist = getattr(values, "tolist", None)
+    if tolist is not None and getattr(getattr(values, "dtype", None), "kind", "") in ("i", "u"):
+        return tuple(tolist())  # numpy / torch integer arrays
     if isinstance(values, (str, bytes)):
         raise InvalidValueError("", f"expected a sequence of ints (got {values!r}).")
     out = []

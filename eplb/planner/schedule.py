@@ -5,19 +5,29 @@
    `compile_plan` have every transfer at level 0 and copies after them, so a layer's transfers may
    go in any rounds.
 2. Windows. Consecutive (layer, level) units share rounds while the lower bound of the union is
-   no worse than the sum of their own bounds and the staging they may hold at once fits
+   no worse than the sum of their own bounds and an estimate of their staging fits
    ``staging_bytes_per_rank``: small layers do not pay one round each.
 3. Rounds of a window. Without a peer limit, transfers are packed under ``max_ops_per_group``
    per rank (best fit). With ``max_peers_per_round = k`` the rank-to-rank pair graph (networkx)
    is edge coloured: best-fit first; if that needs more than the lower bound, Misra–Gries gives a
    proper colouring with at most max degree + 1 colours, grouped k per round, so rounds <=
-   ceil((degree + 1) / k) <= lower bound + 1 whenever the op limit does not bind.
-4. Copies go after the rank's last transfer of their unit (before its first, for copies that
+   ceil((degree + 1) / k) <= lower bound + 1 whenever the op limit does not bind. A window's
+   rounds may run in any order; rounds whose Recvs land in clean slots go first.
+4. Ordering instead of staging (`_direct_landing`). Once transfers have rounds, a Recv the plan
+   stages lands straight in its slot when every Send reading the slot's old expert ran in an
+   earlier round (and no local copy reads it); a Recv still staged is unstaged right after its
+   slot's last read, not at the end of the layer.
+5. Copies go after the rank's last transfer of their unit (before its first, for copies that
    precede every transfer). Staging buffers are renamed into one pool per rank by interval
    colouring of their live ranges, so the pool is the peak number held at once.
+6. Staging check. A window whose pool exceeds the budget is cut in proportion to the excess and
+   rebuilt; if still over, into windows bounded by the buffers each layer's plan names (which
+   fit whenever every layer fits alone). Windows are built independently, each at most once.
 
 The lower bound (`rounds_lower_bound`) is, over all ranks, the most of ceil(distinct peers / k)
-and ceil(transfer ops / max_ops_per_group), and at least the deepest layer's level count.
+and ceil(transfer ops / max_ops_per_group), and at least the deepest layer's level count. It
+ignores staging: with a staging budget of S experts per rank, a rank whose N Recvs all land in
+slots still to be read needs about N / S rounds whatever the order (docs/scheduler.md).
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ __all__ = ["default_limits", "layer_lower_bound", "rounds_lower_bound", "schedul
 # suffice; inside an NVSwitch node all peers at once is faster (DESIGN.md, "Why rounds").
 # Not yet measured on a multi-node cluster: calibrate when one is available.
 MULTI_NODE_PEERS = 4
+
+# Staging a window of several rounds holds, against the buffers its layers' plans name, after
+# direct landing and early unstaging: 0.3-0.45 measured on DeepSeek-V3-shaped plans (bench/).
+# Only picks first windows; `schedule` checks the real figure and splits windows over budget.
+SPREAD_STAGING = 0.6
 
 
 def default_limits(plan: MigrationPlan) -> ScheduleLimits:
@@ -79,6 +94,7 @@ class _Layer:
     units: list[_Unit]
     copies: list[tuple[int, Copy]]  # (level, copy) in plan order
     buffers: dict[int, int]  # rank -> distinct staging buffers the layer's plan uses
+    staged: list[tuple[_Pair, list[Copy]]] | None = None  # `_staged`, computed once
 
 
 def rounds_lower_bound(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> int:
@@ -114,20 +130,32 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
     # direct landing and early unstaging) is known only once rounds exist. A window over the
     # budget is cut into parts in proportion to its excess; if one is still over, it is replaced
     # by windows that bound the staging each layer's plan names, which always fit when every
-    # layer fits alone.
-    windows = _windows(units, layers, limits, budget, spread=True)
-    built = _build(plan, layers, windows, limits)
+    # layer fits alone. Windows are built independently, each once.
+    homes = _copy_homes(layers)
+    cache: dict[tuple[tuple[int, int], ...], _Built] = {}
+
+    def build(window: list[_Unit], first: bool) -> _Built:
+        key = (*((u.layer, u.level) for u in window), (-1, int(first)))
+        got = cache.get(key)
+        if got is None:
+            got = cache[key] = _build_window(plan, layers, window, homes, first, limits)
+        return got
+
+    windows = _windows(units, layers, limits, budget, spread=True) or [[]]
     for last_try in (False, True):
-        if budget is None or max(built[0], default=0) <= budget:
+        needs = [build(w, i == 0)[0] for i, w in enumerate(windows)]
+        if budget is None or max(needs) <= budget:
             break
         windows = [
             sub
-            for w, need in zip(windows, built[0], strict=True)
+            for w, need in zip(windows, needs, strict=True)
             for sub in ([w] if need <= budget else _split(w, layers, limits, budget, need, last_try))
         ]
-        built = _build(plan, layers, windows, limits)
-    pools, before, transfers, after = built
-    pool = max(pools, default=0)
+    parts = [build(w, i == 0) for i, w in enumerate(windows)]
+    pool = max(part[0] for part in parts)
+    before = [rnd for part in parts for rnd in part[1]]
+    transfers = [rnd for part in parts for rnd in part[2]]
+    after = [rnd for part in parts for rnd in part[3]]
     if budget is not None and pool > budget:
         raise PlanError(
             "plan needs more staging than the limits allow",
@@ -198,8 +226,8 @@ def _windows(
 ) -> list[list[_Unit]]:
     """Consecutive units that share rounds: while the union's bound is no worse than the sum of
     the parts' and (with ``budget``) the staging their plans name fits it; with ``spread``, that
-    staging divided by the window's bound (staged Recvs spread over its rounds, each unstaged
-    within a round or two), an estimate `schedule` checks after building."""
+    staging times `SPREAD_STAGING` when the window takes more than one round (an estimate of
+    direct landing, checked by `schedule` after building)."""
     windows: list[list[_Unit]] = []
     tally = _Tally(limits)
     w_bufs: dict[int, int] = defaultdict(int)
@@ -214,7 +242,8 @@ def _windows(
             and (
                 budget is None
                 or all(
-                    (_ceil(w_bufs[r] + n, max(1, new_bound)) if spread else w_bufs[r] + n) <= budget
+                    (_ceil(SPREAD_STAGING * (w_bufs[r] + n)) if spread and new_bound > 1 else w_bufs[r] + n)
+                    <= budget
                     for r, n in bufs.items()
                 )
             )
@@ -243,49 +272,66 @@ def _split(
     return [window[i : i + size] for i in range(0, len(window), size)]
 
 
-_Built = tuple[list[int], list[list[Copy]], list[list[Transfer]], list[list[Copy]]]
+_Built = tuple[int, list[list[Copy]], list[list[Transfer]], list[list[Copy]]]
+_Home = tuple[int, int]  # (layer, level) of the unit whose window runs a copy; level -1: no unit
 
 
-def _build(
-    plan: MigrationPlan, layers: list[_Layer], windows: list[list[_Unit]], limits: ScheduleLimits
+def _copy_homes(layers: list[_Layer]) -> dict[_Home, list[tuple[int, Copy]]]:
+    """Each layer's copies by the unit whose window runs them: their level's (the first unit for
+    copies before any transfer); ``(layer, -1)`` for layers of copies only."""
+    homes: dict[_Home, list[tuple[int, Copy]]] = defaultdict(list)
+    for li, lay in enumerate(layers):
+        levels = {u.level for u in lay.units}
+        for level, c in lay.copies:
+            key = max(level, 0)
+            if key not in levels:
+                key = min(levels, default=-1)
+            homes[(li, key)].append((level, c))
+    return homes
+
+
+def _build_window(
+    plan: MigrationPlan,
+    layers: list[_Layer],
+    window: list[_Unit],
+    homes: dict[_Home, list[tuple[int, Copy]]],
+    first: bool,
+    limits: ScheduleLimits,
 ) -> _Built:
-    """Rounds of every window, copies placed, staging buffers pooled.
+    """One window's rounds, its copies placed, its staging buffers pooled.
 
-    Returns (staging buffers per rank each window needs, before, transfers, after)."""
-    num_ranks = plan.topology.num_ranks
-    rounds: list[list[_Pair]] = []
-    first_round: dict[tuple[int, int], int] = {}  # (layer, level) -> first round of its window
-    window_of: list[int] = []  # round -> its window
-    for w, window in enumerate(windows):
-        pairs = [p for u in window for p in u.pairs]
-        assignment = _colour(pairs, limits, num_ranks)
-        base = len(rounds)
-        n = max(assignment, default=-1) + 1
-        order = _round_order(pairs, assignment, n)
-        rounds.extend([] for _ in range(n))
-        window_of.extend([w] * n)
-        for p, k in zip(pairs, assignment, strict=True):
-            p.round = base + order[k]
-            rounds[base + order[k]].append(p)
-        for u in window:
-            first_round[(u.layer, u.level)] = base
-    if not rounds and any(lay.copies for lay in layers):
-        rounds.append([])  # a plan of local copies only still needs one round to hold them
-        window_of.append(0)
+    Returns (staging buffers per rank it needs, before, transfers, after). The ``first`` window
+    also runs the layers of copies only, before its first group.
+    """
+    pairs = [p for u in window for p in u.pairs]
+    assignment = _colour(pairs, limits, plan.topology.num_ranks)
+    n = max(assignment, default=-1) + 1
+    order = _round_order(pairs, assignment, n)
+    rounds: list[list[_Pair]] = [[] for _ in range(n)]
+    for p, k in zip(pairs, assignment, strict=True):
+        p.round = order[k]
+        rounds[order[k]].append(p)
+    extra = [c for (_, lv), cs in homes.items() if lv == -1 for _, c in cs] if first else []
+    if not rounds and (extra or any(homes.get((u.layer, u.level)) for u in window)):
+        rounds.append([])  # local copies only still need one round to hold them
 
     # --- copies: after the rank's last transfer of their unit, or before its first -------------
     before: list[list[Copy]] = [[] for _ in rounds]
     after: list[list[Copy]] = [[] for _ in rounds]
+    before[0:1] = [list(extra)] if rounds else []
     recv_of: dict[int, Recv] = {}  # id(pair) -> Recv landing directly instead of in a buffer
-    for li, lay in enumerate(layers):
-        replace, early = _direct_landing(lay, recv_of)
+    here = {id(u) for u in window}
+    for u in window:
+        lay = layers[u.layer]
+        replace, early = _direct_landing(lay, recv_of) if len(lay.units) == 1 else ({}, {})
         last: dict[tuple[int, int], int] = {}
-        for u in lay.units:
-            for p in u.pairs:
-                for r in (p.send.src_rank, p.recv.dst_rank):
-                    if last.get((u.level, r), -1) < p.round:
-                        last[(u.level, r)] = p.round
-        for level, c in lay.copies:
+        for un in lay.units:
+            if id(un) in here:
+                for p in un.pairs:
+                    for r in (p.send.src_rank, p.recv.dst_rank):
+                        if last.get((un.level, r), -1) < p.round:
+                            last[(un.level, r)] = p.round
+        for level, c in homes.get((u.layer, u.level), ()):
             new = replace.get(id(c), c)
             if new is None:
                 continue
@@ -295,20 +341,15 @@ def _build(
             if at is not None:
                 after[at].append(new)
             else:
-                before[first_round.get((li, max(level, 0)), 0)].append(new)
+                before[0].append(new)
 
     # --- transfers in a fixed order; both sides of a pair list them alike ----------------------
     transfers: list[list[Transfer]] = []
     for rnd in rounds:
         rnd.sort(key=lambda p: (p.send.layer, p.send.transfer_id))
         transfers.append([op for p in rnd for op in (p.send, recv_of.get(id(p), p.recv))])
-    pools, before, transfers, after = _rename_buffers(before, transfers, after, window_of)
-    return (
-        [max(pools.get(w, 0), 0) for w in range(max(len(windows), 1 if rounds else 0))],
-        before,
-        transfers,
-        after,
-    )
+    need, before, transfers, after = _rename_buffers(before, transfers, after)
+    return need, before, transfers, after
 
 
 def _round_order(pairs: Sequence[_Pair], assignment: Sequence[int], n: int) -> list[int]:
@@ -340,56 +381,77 @@ def _direct_landing(lay: _Layer, recv_of: dict[int, Recv]) -> tuple[dict[int, Co
     plan from `compile_plan`). Returns copy replacements (None: dropped) and copies' new rounds
     (in ``after``); fills ``recv_of`` (id of pair -> new Recv).
     """
-    if len(lay.units) != 1:
-        return {}, {}
-    pairs = lay.units[0].pairs
+    if lay.staged is None:
+        lay.staged = _staged(lay)
+    replace: dict[int, Copy | None] = {}
+    early: dict[int, int] = {}
+    if not lay.staged:
+        return replace, early
     read_at: dict[tuple[int, int], int] = {}  # (rank, slot) -> last round a Send reads it
-    for p in pairs:
-        s = p.send
-        if s.src.is_buffer:
-            return {}, {}
-        key = (s.src_rank, s.src.index)
+    for p in lay.units[0].pairs:
+        key = (p.send.src_rank, p.send.src.index)
         if read_at.get(key, -1) < p.round:
             read_at[key] = p.round
+    for p, outs in lay.staged:
+        k, r = p.round, p.recv.dst_rank
+        reads = [read_at.get((r, c.dst.index), -1) for c in outs]
+        land = next((i for i, j in enumerate(reads) if j < k), None)
+        if land is None:
+            for c, j in zip(outs, reads, strict=True):
+                early[id(c)] = max(k, j)
+            continue
+        slot = outs[land].dst
+        recv = p.recv
+        recv_of[id(p)] = Recv(
+            layer=recv.layer,
+            transfer_id=recv.transfer_id,
+            src_rank=recv.src_rank,
+            dst_rank=r,
+            dst=slot,
+            expert=recv.expert,
+        )
+        for i, (c, j) in enumerate(zip(outs, reads, strict=True)):
+            if i == land:
+                replace[id(c)] = None
+            else:
+                replace[id(c)] = Copy(layer=c.layer, rank=r, src=slot, dst=c.dst, expert=c.expert)
+                early[id(c)] = max(k, j)
+    return replace, early
+
+
+def _staged(lay: _Layer) -> list[tuple[_Pair, list[Copy]]]:
+    """The layer's staged Recvs that `_direct_landing` may move, each with its unstaging copies.
+
+    A candidate lands in a buffer nothing else writes, and every copy out of that buffer goes to
+    a slot that nothing else writes or copies from: such copies commute with every other copy
+    of the layer, so they may run at any time after their slot's reads.
+    """
+    if len(lay.units) != 1:
+        return []
+    pairs = lay.units[0].pairs
+    if any(p.send.src.kind == "buffer" for p in pairs):
+        return []
     copy_read: set[tuple[int, Loc]] = set()
     writes: dict[tuple[int, Loc], int] = defaultdict(int)
     from_buffer: dict[tuple[int, Loc], list[Copy]] = defaultdict(list)
     for _, c in lay.copies:
         copy_read.add((c.rank, c.src))
         writes[(c.rank, c.dst)] += 1
-        if c.src.is_buffer:
+        if c.src.kind == "buffer":
             from_buffer[(c.rank, c.src)].append(c)
     for p in pairs:
         writes[(p.recv.dst_rank, p.recv.dst)] += 1
-    replace: dict[int, Copy | None] = {}
-    early: dict[int, int] = {}
+    out = []
     for p in pairs:
-        recv = p.recv
-        r, b = recv.dst_rank, recv.dst
-        if not b.is_buffer or writes[(r, b)] != 1:
+        r, b = p.recv.dst_rank, p.recv.dst
+        if b.kind != "buffer" or writes[(r, b)] != 1:
             continue
-        outs = from_buffer.get((r, b), [])
-        # Copies out of the buffer into slots nothing else writes or copies from commute with
-        # every other copy of the layer: they may run at any time after their slot's reads.
-        if not outs or any(
-            c.dst.is_buffer or writes[(r, c.dst)] != 1 or (r, c.dst) in copy_read for c in outs
+        outs = from_buffer.get((r, b))
+        if outs and all(
+            c.dst.kind == "slot" and writes[(r, c.dst)] == 1 and (r, c.dst) not in copy_read for c in outs
         ):
-            continue
-        ready = [max(p.round, read_at.get((r, c.dst.index), -1)) for c in outs]
-        land = next((i for i, c in enumerate(outs) if read_at.get((r, c.dst.index), -1) < p.round), None)
-        if land is None:
-            for c, k in zip(outs, ready, strict=True):
-                early[id(c)] = k
-            continue
-        slot = outs[land].dst
-        recv_of[id(p)] = attrs.evolve(recv, dst=slot)
-        for i, (c, k) in enumerate(zip(outs, ready, strict=True)):
-            if i == land:
-                replace[id(c)] = None
-            else:
-                replace[id(c)] = Copy(layer=c.layer, rank=r, src=slot, dst=c.dst, expert=c.expert)
-                early[id(c)] = k
-    return replace, early
+            out.append((p, outs))
+    return out
 
 
 # --- parsing a layer: pairs, levels, copies ---------------------------------------------------
@@ -474,8 +536,8 @@ def _parse(plan: MigrationPlan, li: int) -> _Layer:
 
 
 # --- bounds and colouring ---------------------------------------------------------------------
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+def _ceil(a: float, b: int = 1) -> int:
+    return int(-(-a // b))
 
 
 def _bound(pairs: Sequence[_Pair], limits: ScheduleLimits) -> int:
@@ -656,12 +718,11 @@ def _rename_buffers(
     before: list[list[Copy]],
     transfers: list[list[Transfer]],
     after: list[list[Copy]],
-    window_of: Sequence[int],
-) -> tuple[dict[int, int], list[list[Copy]], list[list[Transfer]], list[list[Copy]]]:
+) -> _Built:
     """Give every staged value a pool buffer free for its whole live range.
 
-    Returns the most buffers any rank holds at once in each window (by the window of the round
-    where a value is written), and the rounds with buffers renamed (lists changed in place).
+    Returns the pool (the most buffers any rank holds at once) and the rounds with buffers
+    renamed (lists changed in place).
     """
     # value: (layer, rank, plan index, generation); live range [start, end] in execution time.
     gen: dict[tuple[int, int, int], int] = defaultdict(int)
@@ -715,9 +776,8 @@ def _rename_buffers(
                 for i, op in enumerate(group):
                     if isinstance(op, Recv) and op.dst.kind == "buffer":
                         touch(group, i, "dst", op, op.dst, (k, 1, 0), True)
-    peaks: dict[int, int] = {}
     if not live:
-        return peaks, before, transfers, after
+        return 0, before, transfers, after
 
     # Interval colouring per rank, by start: reuse a buffer whose value ended strictly earlier.
     index: dict[tuple[int, int, int, int], int] = {}
@@ -726,6 +786,7 @@ def _rename_buffers(
     )
     for value, (start, end) in live.items():
         by_rank[value[1]].append((start, end, value))
+    pool = 0
     for items in by_rank.values():
         items.sort()
         busy: list[tuple[tuple[int, int, int], int]] = []
@@ -740,9 +801,7 @@ def _rename_buffers(
                 idx, count = count, count + 1
             index[value] = idx
             heapq.heappush(busy, (end, idx))
-            w = window_of[start[0]]
-            if peaks.get(w, 0) < len(busy):
-                peaks[w] = len(busy)
+        pool = max(pool, count)
 
     for ops, i, role, value in uses:
         op = ops[i]
@@ -768,4 +827,4 @@ def _rename_buffers(
                 dst=loc,
                 expert=op.expert,
             )
-    return peaks, before, transfers, after
+    return pool, before, transfers, after

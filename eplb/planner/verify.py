@@ -53,15 +53,15 @@ def verify(schedule: Schedule) -> None:
 
     def place(rank: int, loc: Loc, layer: int) -> tuple[int, Loc, int]:
         # Slots are per layer; staging buffers are one pool per rank shared by the layers.
-        return (rank, loc, -1 if loc.is_buffer else layer)
+        return (rank, loc, -1 if loc.kind == "buffer" else layer)
 
     def get(rank: int, loc: Loc, layer: int) -> _Content | None:
-        if loc.is_buffer:
+        if loc.kind == "buffer":
             return buffers.get((rank, loc.index))
         return slots.get((layer, rank, loc.index))
 
     def put(rank: int, loc: Loc, layer: int, content: _Content | None) -> None:
-        if loc.is_buffer:
+        if loc.kind == "buffer":
             if content is None:
                 buffers.pop((rank, loc.index), None)
             else:
@@ -71,31 +71,34 @@ def verify(schedule: Schedule) -> None:
         else:
             slots[(layer, rank, loc.index)] = content
 
+    def misread(op: Send | Copy, rank: int, loc: Loc, k: int, held: _Content | None) -> None:
+        if held is None:
+            state = "is empty (never written, or the rank joins the cluster)"
+        else:
+            state = f"holds e{held[1]}" + (f" of layer {held[0]}" if held[0] != op.layer else "")
+        out.append(
+            Violation(
+                what=f"reads e{op.expert} from {loc} but {loc} {state} at that point "
+                "(read after overwrite, or a missing or misordered op)",
+                fix="read the location before it is overwritten (earlier round or staging), "
+                "or restore the op that writes it",
+                layer=op.layer,
+                round=k,
+                rank=rank,
+                op=str(op),
+            )
+        )
+
     def check_read(op: Send | Copy, rank: int, loc: Loc, k: int) -> _Content:
         """What ``op`` reads; a violation if that is not the expert it claims."""
         claimed = (op.layer, op.expert)
         held = get(rank, loc, op.layer)
         if held != claimed:
-            if held is None:
-                state = "is empty (never written, or the rank joins the cluster)"
-            else:
-                state = f"holds e{held[1]}" + (f" of layer {held[0]}" if held[0] != op.layer else "")
-            out.append(
-                Violation(
-                    what=f"reads e{op.expert} from {loc} but {loc} {state} at that point "
-                    "(read after overwrite, or a missing or misordered op)",
-                    fix="read the location before it is overwritten (earlier round or staging), "
-                    "or restore the op that writes it",
-                    layer=op.layer,
-                    round=k,
-                    rank=rank,
-                    op=str(op),
-                )
-            )
+            misread(op, rank, loc, k, held)
         return claimed
 
     def check_buffer(op: Send | Recv | Copy, loc: Loc, rank: int, k: int) -> None:
-        if loc.is_buffer and loc.index >= pool:
+        if loc.kind == "buffer" and loc.index >= pool:
             out.append(
                 Violation(
                     what=f"uses staging buffer {loc} but the pool has {pool} buffer(s) per rank",
@@ -109,9 +112,20 @@ def verify(schedule: Schedule) -> None:
 
     def run_copies(copies: tuple[Copy, ...], k: int) -> None:
         for op in copies:
-            check_buffer(op, op.src, op.rank, k)
-            check_buffer(op, op.dst, op.rank, k)
-            put(op.rank, op.dst, op.layer, check_read(op, op.rank, op.src, k))
+            rank, src, dst, layer = op.rank, op.src, op.dst, op.layer
+            claimed = (layer, op.expert)
+            if src.kind == "buffer":
+                check_buffer(op, src, rank, k)
+                held = buffers.get((rank, src.index))
+            else:
+                held = slots.get((layer, rank, src.index))
+            if held != claimed:
+                misread(op, rank, src, k, held)
+            if dst.kind == "buffer":
+                check_buffer(op, dst, rank, k)
+                buffers[(rank, dst.index)] = claimed
+            else:
+                slots[(layer, rank, dst.index)] = claimed
 
     # Where each transfer's Send and Recv sit, to say "its Recv is in round 4".
     send_round: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -132,16 +146,21 @@ def verify(schedule: Schedule) -> None:
         read_locs: dict[tuple[int, Loc, int], Send] = {}
         for op in rnd.transfers:
             key = (op.layer, op.transfer_id)
-            peers[op.rank].add(op.peer)
-            ops_of[op.rank] += 1
-            order[(op.src_rank, op.dst_rank, op.kind)].append(key)
             if isinstance(op, Send):
+                rank = op.src_rank
+                peers[rank].add(op.dst_rank)
                 sends[key].append(op)
-                check_buffer(op, op.src, op.rank, k)
-                read_locs.setdefault(place(op.rank, op.src, op.layer), op)
+                if op.src.kind == "buffer":
+                    check_buffer(op, op.src, rank, k)
+                read_locs.setdefault(place(rank, op.src, op.layer), op)
             else:
+                rank = op.dst_rank
+                peers[rank].add(op.src_rank)
                 recvs[key].append(op)
-                check_buffer(op, op.dst, op.rank, k)
+                if op.dst.kind == "buffer":
+                    check_buffer(op, op.dst, rank, k)
+            ops_of[rank] += 1
+            order[(op.src_rank, op.dst_rank, op.kind)].append(key)
 
         # Sends read at the start of the group.
         payload: dict[tuple[int, int], _Content] = {}
