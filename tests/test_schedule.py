@@ -11,7 +11,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eplb.ir import ModelPlacement, PlanError, Recv, Schedule, ScheduleLimits, Send, Topology, dumps, loads
+from eplb.ir import (
+    Copy,
+    ModelPlacement,
+    PlanError,
+    Recv,
+    Schedule,
+    ScheduleLimits,
+    Send,
+    Topology,
+    dumps,
+    loads,
+)
 from eplb.planner.compile import compile_plan
 from eplb.planner.cost import layer_costs, predict_seconds
 from eplb.planner.schedule import default_limits, layer_lower_bound, rounds_lower_bound, schedule
@@ -106,6 +117,27 @@ def test_staging_limit_is_kept(case: tuple[ModelPlacement, ModelPlacement, Topol
     s = schedule(plan)  # default: one layer of staging
     assert s.staging_bytes_per_rank <= topo.slots_per_rank * 10
     verify(s)
+
+
+@given(cases(), st.sampled_from([None, 1, 2]))
+def test_any_budget_a_layer_fits_is_kept(
+    case: tuple[ModelPlacement, ModelPlacement, Topology], peers: int | None
+) -> None:
+    """Budgets from the most one layer's plan names up: windows are cut until they fit."""
+    current, target, topo = case
+    plan = compile_plan(current, target, topo, expert_bytes=10)
+    named: dict[tuple[int, int], set[int]] = {}
+    for op in plan.ops():
+        for loc in (
+            (op.src, op.dst) if isinstance(op, Copy) else (op.src,) if isinstance(op, Send) else (op.dst,)
+        ):
+            if loc.is_buffer:
+                named.setdefault((op.layer, op.rank), set()).add(loc.index)
+    need = max(map(len, named.values()), default=0)
+    for budget in {max(need, 1), need + 1, 2 * need + 1}:
+        s = schedule(plan, ScheduleLimits(max_peers_per_round=peers, staging_bytes_per_rank=budget * 10))
+        verify(s)
+        assert s.staging_buffers_per_rank <= budget
 
 
 def test_layers_share_rounds_on_one_node() -> None:

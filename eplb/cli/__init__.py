@@ -17,7 +17,7 @@ from eplb.cli._common import CliError
 from eplb.ir.errors import EplbError
 
 # Subcommands in the order `eplb --help` lists them; each is eplb.cli.<name>.
-SUBCOMMANDS: tuple[str, ...] = ("rebalance", "plan", "inspect", "verify")
+SUBCOMMANDS: tuple[str, ...] = ("rebalance", "plan", "inspect", "verify", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
