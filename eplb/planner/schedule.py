@@ -41,7 +41,7 @@ import attrs
 import networkx as nx
 
 from eplb.ir.errors import PlanError, Violation
-from eplb.ir.ops import Copy, Loc, Recv, Send, Transfer
+from eplb.ir.ops import Copy, Loc, Op, Recv, Send, Transfer
 from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Round, Schedule, ScheduleLimits
 
@@ -458,7 +458,76 @@ def _staged(lay: _Layer) -> list[tuple[_Pair, list[Copy]]]:
 def _parse(plan: MigrationPlan, li: int) -> _Layer:
     """Match Sends with Recvs and give every op its level (see the module docstring)."""
     ops = plan.layers[li].ops
-    partner: dict[int, Send | Recv] = {}
+    sends: dict[int, Send] = {}
+    recvs: dict[int, Recv] = {}
+    clash = False
+    for op in ops:
+        if isinstance(op, Send):
+            clash = clash or op.transfer_id in sends
+            sends[op.transfer_id] = op
+        elif isinstance(op, Recv):
+            clash = clash or op.transfer_id in recvs
+            recvs[op.transfer_id] = op
+    if (
+        clash
+        or sends.keys() != recvs.keys()
+        or any(
+            (s.src_rank, s.dst_rank, s.expert) != (r.src_rank, r.dst_rank, r.expert)
+            for s, r in zip(sends.values(), (recvs[t] for t in sends), strict=True)
+        )
+    ):
+        _unmatched(ops, li)
+
+    # Per location (rank, loc): the last writer's level and the highest level that read it since.
+    # A transfer goes in a later group than any earlier access (Sends and Recvs of one group may
+    # not share a location; a copy at level L runs after group L); a copy after them.
+    writer: dict[tuple[int, Loc], int] = {}
+    readers: dict[tuple[int, Loc], int] = {}
+    units: dict[int, list[_Pair]] = defaultdict(list)
+    copies: list[tuple[int, Copy]] = []
+    buffers: dict[int, set[int]] = defaultdict(set)
+    done: set[int] = set()
+    for op in ops:
+        if isinstance(op, Copy):
+            src, dst = (op.rank, op.src), (op.rank, op.dst)
+            level = max(-1, writer.get(src, -1), readers.get(dst, -1), writer.get(dst, -1))
+            if readers.get(src, -1) < level:
+                readers[src] = level
+            else:
+                readers.setdefault(src, -1)
+            writer[dst] = level
+            readers.pop(dst, None)
+            copies.append((level, op))
+            if op.src.kind == "buffer":
+                buffers[op.rank].add(op.src.index)
+            if op.dst.kind == "buffer":
+                buffers[op.rank].add(op.dst.index)
+            continue
+        tid = op.transfer_id
+        if tid in done:
+            continue
+        done.add(tid)
+        send, recv = sends[tid], recvs[tid]
+        src, dst = (send.src_rank, send.src), (recv.dst_rank, recv.dst)
+        level = max(0, writer.get(src, -2) + 1, readers.get(dst, -2) + 1, writer.get(dst, -2) + 1)
+        if readers.get(src, -1) < level:
+            readers[src] = level
+        writer[dst] = level
+        readers.pop(dst, None)
+        units[level].append(_Pair(send=send, recv=recv, level=level))
+        if send.src.kind == "buffer":
+            buffers[send.src_rank].add(send.src.index)
+        if recv.dst.kind == "buffer":
+            buffers[recv.dst_rank].add(recv.dst.index)
+    return _Layer(
+        units=[_Unit(layer=li, level=lv, pairs=units[lv]) for lv in sorted(units)],
+        copies=copies,
+        buffers={r: len(b) for r, b in buffers.items()},
+    )
+
+
+def _unmatched(ops: Sequence[Op], li: int) -> None:
+    """Raise `PlanError` naming every transfer id without exactly one matching Send and Recv."""
     by_tid: dict[int, list[Send | Recv]] = defaultdict(list)
     for op in ops:
         if isinstance(op, (Send, Recv)):
@@ -477,62 +546,7 @@ def _parse(plan: MigrationPlan, li: int) -> _Layer:
         or sorted(o.kind for o in group) != ["recv", "send"]
         or len({(o.src_rank, o.dst_rank, o.expert) for o in group}) != 1
     ]
-    if bad:
-        raise PlanError(f"layer {li} of the plan cannot be scheduled", bad)
-    for group in by_tid.values():
-        partner[id(group[0])], partner[id(group[1])] = group[1], group[0]
-
-    # Per location: the last writer's (level, is_copy) and the highest level that read it since.
-    writer: dict[tuple[int, Loc], tuple[int, bool]] = {}
-    readers: dict[tuple[int, Loc], tuple[int, bool]] = {}
-    units: dict[int, list[_Pair]] = defaultdict(list)
-    copies: list[tuple[int, Copy]] = []
-    buffers: dict[int, set[int]] = defaultdict(set)
-    seen: set[int] = set()
-
-    def after_transfer(key: tuple[int, Loc], table: dict[tuple[int, Loc], tuple[int, bool]]) -> int:
-        # A transfer must be in a later group than any earlier access (Sends and Recvs of one
-        # group may not share a location; a copy at level L runs after group L).
-        got = table.get(key)
-        return -1 if got is None else got[0] + 1
-
-    def after_copy(key: tuple[int, Loc], table: dict[tuple[int, Loc], tuple[int, bool]]) -> int:
-        got = table.get(key)
-        return -1 if got is None else got[0]
-
-    for op in ops:
-        if isinstance(op, Copy):
-            src, dst = (op.rank, op.src), (op.rank, op.dst)
-            level = max(-1, after_copy(src, writer), after_copy(dst, readers), after_copy(dst, writer))
-            readers[src] = (max(level, readers.get(src, (-1, True))[0]), True)
-            writer[dst] = (level, True)
-            readers.pop(dst, None)
-            copies.append((level, op))
-            for loc in (op.src, op.dst):
-                if loc.is_buffer:
-                    buffers[op.rank].add(loc.index)
-            continue
-        if id(op) in seen:
-            continue
-        other = partner[id(op)]
-        seen.add(id(other))
-        send, recv = (op, other) if isinstance(op, Send) else (other, op)
-        assert isinstance(send, Send) and isinstance(recv, Recv)
-        src, dst = (send.src_rank, send.src), (recv.dst_rank, recv.dst)
-        level = max(0, after_transfer(src, writer), after_transfer(dst, readers), after_transfer(dst, writer))
-        readers[src] = (max(level, readers.get(src, (-1, False))[0]), False)
-        writer[dst] = (level, False)
-        readers.pop(dst, None)
-        units[level].append(_Pair(send=send, recv=recv, level=level))
-        if send.src.is_buffer:
-            buffers[send.src_rank].add(send.src.index)
-        if recv.dst.is_buffer:
-            buffers[recv.dst_rank].add(recv.dst.index)
-    return _Layer(
-        units=[_Unit(layer=li, level=lv, pairs=units[lv]) for lv in sorted(units)],
-        copies=copies,
-        buffers={r: len(b) for r, b in buffers.items()},
-    )
+    raise PlanError(f"layer {li} of the plan cannot be scheduled", bad)
 
 
 # --- bounds and colouring ---------------------------------------------------------------------
