@@ -3,3 +3,24 @@ migration plan), schedule (plan -> rounds), verify (proof or PlanError), cost (p
 
 Nothing here imports torch or mutates its inputs, so N ranks can be simulated in one process.
 """
+
+from eplb.planner.compile import compile_plan
+from eplb.planner.cost import predict_seconds
+from eplb.planner.policies import available_policies, get_policy, register_policy
+from eplb.planner.rebalance import make_topology, rebalance
+from eplb.planner.schedule import default_limits, rounds_lower_bound, schedule
+from eplb.planner.verify import verify
+
+__all__ = [
+    "available_policies",
+    "compile_plan",
+    "default_limits",
+    "get_policy",
+    "make_topology",
+    "predict_seconds",
+    "rebalance",
+    "register_policy",
+    "rounds_lower_bound",
+    "schedule",
+    "verify",
+]
