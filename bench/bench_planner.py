@@ -100,6 +100,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -166,7 +167,9 @@ def run_shape(
             record(kind, policy, new, out, secs, fresh[policy])
         tols = args.tolerances if kind == "sigma=0.05" else [DEFAULT_TOLERANCE]
         for tol in tols:
-            out, secs = timed(lambda t=tol, w=new: plan("migration_aware", w, fresh["balanced"], t), 1)
+            out, secs = timed(
+                lambda t=tol, w=new: plan("migration_aware", w, fresh["balanced"], t), args.repeat
+            )
             record(kind, "migration_aware", new, out, secs, fresh["balanced"], tolerance=tol)
     return rows
 
@@ -215,7 +218,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--skews", nargs="+", default=["zipf", "lognormal"], choices=["zipf", "lognormal"])
-    p.add_argument("--repeat", type=int, default=3, help="timing repeats for deepseek/balanced (min taken)")
+    p.add_argument("--repeat", type=int, default=3, help="timing repeats for every policy (min taken)")
     p.add_argument(
         "--tolerances",
         type=float,
@@ -262,6 +265,8 @@ def main() -> int:
         r for r in bal if r["balancedness"] < ds[(r["shape"], r["skew"], r["case"])]["balancedness"] - 1e-12
     ]
     print(f"balanced below deepseek in {len(worse)} of {len(bal)} cases")
+    info["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at end: {info['load_average_1_5_15_at_end']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

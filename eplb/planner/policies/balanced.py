@@ -13,7 +13,8 @@ Per layer (or per (layer, node) in hierarchical mode), vectorised over layers:
    expert has more replicas than ranks). If every rank with room is barred, one swap with a full
    rank repairs it; such a swap always exists.
 4. **Local search**: swap a slot of the busiest rank with a lighter slot elsewhere while that
-   lowers the busiest rank, keeping the spread rule of step 3.
+   lowers the busiest rank, keeping the spread rule of step 3. In the same round the next few
+   busiest ranks each swap with a distinct light rank (rounds, not swaps, cost the time).
 5. **Floor**: with ``deepseek_floor`` (default), a layer where DeepSeek's greedy has a lighter
    busiest rank takes DeepSeek's layer instead, so balancedness is never below ``deepseek``'s;
    that layer may then stack two replicas of an expert on one rank.
@@ -278,9 +279,14 @@ def _apply_swaps(st: _State, b: I64, pi: I64, pj: I64) -> None:
 
 
 # --- step 4: local search -----------------------------------------------------------------------
-def _best_swaps(st: _State, ab: I64, r: I64, cand: I64) -> tuple[I64, I64]:
+def _best_swaps(st: _State, ab: I64, r: I64, cand: I64, *, top: int = 4) -> tuple[I64, I64]:
     """For rows ``ab`` with busiest rank ``r``, the best improving swap between a slot of r and one
-    of the slots ``cand: [A, C]``. Returns slot pairs ``(pi, pj)``, -1 where none improves."""
+    of the slots ``cand: [A, C]``. Returns slot pairs ``(pi, pj)``, -1 where none improves.
+
+    The spread caps cost a gather from the [B, n, R] copy counts per pair, so they are checked
+    only on each row's ``top`` best pairs by load; rows where all of those break a cap are
+    checked in full.
+    """
     s = st.slots_per_rank
     a = np.arange(ab.size)
     loads = st.loads[ab]
@@ -292,51 +298,142 @@ def _best_swaps(st: _State, ab: I64, r: I64, cand: I64) -> tuple[I64, I64]:
     d = wi[:, :, None] - wj[:, None, :]
     new_max = np.maximum(lr[:, None, None] - d, loads[a[:, None], q][:, None, :] + d)
     ok = (d > 0) & (new_max < (lr * (1 - _EPS))[:, None, None]) & (q != r[:, None])[:, None, :]
-    # Spread caps: the other rank must be below the cap of the expert it receives, and so must r.
-    ok &= st.cnt[ab[:, None, None], ei[:, :, None], q[:, None, :]] < st.cap[ab[:, None], ei][:, :, None]
-    ok &= (st.cnt[ab[:, None], ej, r[:, None]] < st.cap[ab[:, None], ej])[:, None, :]
     score = np.where(ok, new_max, np.inf).reshape(ab.size, -1)
-    flat = np.argmin(score, axis=1)
-    found = np.isfinite(score[a, flat])
     c = cand.shape[1]
+    m = min(top, score.shape[1])
+    best = (
+        np.argpartition(score, m - 1, axis=1)[:, :m]
+        if m < score.shape[1]
+        else np.tile(np.arange(score.shape[1]), (ab.size, 1))
+    )
+    best = np.take_along_axis(best, np.argsort(np.take_along_axis(score, best, axis=1), axis=1), axis=1)
+    flat = _first_within_caps(st, ab, r, cand, ei, ej, score, best)
+    retry = np.flatnonzero(flat == -2)
+    if retry.size:
+        # Rare: every top pair breaks a cap. Check every pair of those rows.
+        sub = score[retry].copy()
+        bi = ei[retry][:, :, None]
+        bj = ej[retry][:, None, :]
+        br = ab[retry]
+        capped = st.cnt[br[:, None, None], bi, q[retry][:, None, :]] >= st.cap[br[:, None, None], bi]
+        capped |= st.cnt[br[:, None, None], bj, r[retry][:, None, None]] >= st.cap[br[:, None, None], bj]
+        sub[capped.reshape(retry.size, -1)] = np.inf
+        f = np.argmin(sub, axis=1)
+        flat[retry] = np.where(np.isfinite(sub[np.arange(retry.size), f]), f, -1)
+    found = flat >= 0
+    flat = np.maximum(flat, 0)
     pi = np.where(found, r * s + flat // c, -1)
     pj = np.where(found, cand[a, flat % c], -1)
     return pi, pj
 
 
-def improve_swaps(st: _State, bound: F64, *, light_ranks: int = 4, max_rounds: int | None = None) -> int:
+def _first_within_caps(
+    st: _State, ab: I64, r: I64, cand: I64, ei: I64, ej: I64, score: F64, best: I64
+) -> I64:
+    """Per row, the first of ``best`` (flat pair indices, best first) that is finite and keeps
+    the spread caps; -2 when every finite one breaks a cap, -1 when none is finite."""
+    c = cand.shape[1]
+    a = np.arange(ab.size)[:, None]
+    fin = np.isfinite(np.take_along_axis(score, best, axis=1))
+    e_i, e_j = ei[a, best // c], ej[a, best % c]
+    q = cand[a, best % c] // st.slots_per_rank
+    b = ab[:, None]
+    good = fin & (st.cnt[b, e_i, q] < st.cap[b, e_i]) & (st.cnt[b, e_j, r[:, None]] < st.cap[b, e_j])
+    first = np.argmax(good, axis=1)
+    out = np.where(good.any(axis=1), best[a[:, 0], first], -1)
+    # Finite pairs beyond the top ones may still keep the caps: ask for a full check.
+    more = ~good.any(axis=1) & fin.all(axis=1) & (best.shape[1] < score.shape[1])
+    return np.where(more, -2, out)
+
+
+def _pair_table(st: _State, ab: I64, heavy: I64, light: I64) -> tuple[F64, I64, I64]:
+    """For rows ``ab``, each heavy rank ``heavy: [A, h]`` and light rank ``light: [A, k]``: the
+    heavy rank's new load after the best swap between the two that lowers it (inf if none, or if
+    that swap breaks a spread cap: the pair then waits, though a worse swap of it might keep the
+    caps; when the light ranks are not all ranks, the busiest is then asked of every rank), and
+    the swap's slots ``(pi, pj)``, each ``[A, h, k]``."""
+    s = st.slots_per_rank
+    a = ab[:, None, None, None, None]
+    loc = np.arange(s)
+    si = (heavy[:, :, None] * s + loc)[:, :, None, :, None]  # [A, h, 1, s, 1]
+    sj = (light[:, :, None] * s + loc)[:, None, :, None, :]  # [A, 1, k, 1, s]
+    lh = st.loads[ab[:, None], heavy][:, :, None, None, None]
+    ll = st.loads[ab[:, None], light][:, None, :, None, None]
+    d = st.slot_w[a, si] - st.slot_w[a, sj]  # [A, h, k, s, s]
+    new_max = np.maximum(lh - d, ll + d)
+    score = np.where((d > 0) & (new_max < lh * (1 - _EPS)), new_max, np.inf)
+    shape = score.shape
+    flat = np.argmin(score.reshape(*shape[:3], s * s), axis=3)  # [A, h, k]
+    best = np.take_along_axis(score.reshape(*shape[:3], s * s), flat[..., None], axis=3)[..., 0]
+    pi = heavy[:, :, None] * s + flat // s
+    pj = light[:, None, :] * s + flat % s
+    b = ab[:, None, None]
+    ei, ej = st.slot_expert[b, pi], st.slot_expert[b, pj]
+    ok = (st.cnt[b, ei, pj // s] < st.cap[b, ei]) & (st.cnt[b, ej, pi // s] < st.cap[b, ej])
+    return np.where(ok, best, np.inf), pi, pj
+
+
+def improve_swaps(
+    st: _State, bound: F64, *, light_ranks: int = 8, heavy_ranks: int = 4, max_rounds: int | None = None
+) -> int:
     """Swap a slot of each row's busiest rank with a lighter slot elsewhere while that lowers the
     busiest rank (best swap first), keeping the spread caps. Mutates ``st``; returns swaps made.
 
     A row stops when its busiest rank is at most ``bound: [B]``. Partners come from the
     ``light_ranks`` lightest ranks first (cheap), then from every rank before a row is declared
-    a local optimum.
+    a local optimum. To take fewer rounds, the next ``heavy_ranks - 1`` busiest ranks above the
+    bound also take their best swap with a light rank in the same round, each light rank serving
+    one of them; every such swap lowers its heavy rank and keeps its partner below it, so the
+    busiest rank never rises and the sum of squared rank loads falls (the search ends).
     """
     num_phy = st.slot_expert.shape[1]
     s = st.slots_per_rank
     num_r = num_phy // s
     active = st.loads.max(axis=1) > bound
     k = min(light_ranks, num_r)
+    h = max(1, min(heavy_ranks, num_r - k))
     swaps = 0
     for _ in range(max_rounds if max_rounds is not None else 4 * num_phy):
         ab = np.flatnonzero(active)
         if ab.size == 0:
             break
-        r = np.argmax(st.loads[ab], axis=1)
-        light = np.argpartition(st.loads[ab], k - 1, axis=1)[:, :k]
-        pi, pj = _best_swaps(st, ab, r, (light[:, :, None] * s + np.arange(s)).reshape(ab.size, -1))
-        miss = np.flatnonzero(pi < 0)
+        loads = st.loads[ab]
+        order = np.argsort(loads, axis=1, kind="stable")
+        light, heavy = order[:, :k], order[:, ::-1][:, :h]  # [A, k], [A, h] busiest first
+        rows = np.arange(ab.size)
+        # Best swap of each (heavy, light) pair; only heavy ranks above the bound move.
+        table, ti, tj = _pair_table(st, ab, heavy, light)  # [A, h, k]
+        table[~(loads[rows[:, None], heavy] > bound[ab][:, None])] = np.inf
+        # Each rank takes part in one swap per round, busiest first, each heavy rank with the
+        # light rank that lowers it most among those still free.
+        used = np.zeros((ab.size, k), dtype=bool)
+        pi = np.full((ab.size, h), -1, dtype=np.int64)
+        pj = np.full((ab.size, h), -1, dtype=np.int64)
+        for j in range(h):
+            t = np.where(used, np.inf, table[:, j])
+            c = np.argmin(t, axis=1)
+            ok = np.isfinite(t[rows, c])
+            pi[ok, j], pj[ok, j] = ti[rows[ok], j, c[ok]], tj[rows[ok], j, c[ok]]
+            used[rows[ok], c[ok]] = True
+        miss = np.flatnonzero(pi[:, 0] < 0)
         if miss.size and k < num_r:
+            # The busiest found no light partner: ask every rank. Its partner may be another
+            # heavy rank or a light one taken this round; those then sit the round out.
             full = np.broadcast_to(np.arange(num_phy), (miss.size, num_phy))
-            pi[miss], pj[miss] = _best_swaps(st, ab[miss], r[miss], full)
-        good = pi >= 0
-        active[ab[~good]] = False
-        if not good.any():
+            pi0, pj0 = _best_swaps(st, ab[miss], heavy[miss, 0], full)
+            pi[miss, 0], pj[miss, 0] = pi0, pj0
+            q = np.where(pi0 >= 0, pj0 // s, -1)[:, None]
+            others = pi[miss, 1:]
+            others[(q == heavy[miss, 1:]) | (q == np.where(others >= 0, pj[miss, 1:] // s, -2))] = -1
+            pi[miss, 1:] = others
+        take = pi >= 0
+        active[ab[~take[:, 0]]] = False
+        if not take.any():
             break
-        b, pi, pj = ab[good], pi[good], pj[good]
-        _apply_swaps(st, b, pi, pj)
-        swaps += int(good.sum())
-        active[b] &= st.loads[b].max(axis=1) > bound[b]
+        ra, ja = np.nonzero(take)
+        _apply_swaps(st, ab[ra], pi[ra, ja], pj[ra, ja])
+        swaps += int(ra.size)
+        active[ab] &= st.loads[ab].max(axis=1) > bound[ab]
     return swaps
 
 
