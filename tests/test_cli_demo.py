@@ -19,13 +19,6 @@ from eplb.planner.verify import verify
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(autouse=True)
-def _subcommand(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until eplb/cli/__init__.py lists it, run the real main() with this subcommand registered.
-    if "demo" not in eplb.cli.SUBCOMMANDS:
-        monkeypatch.setattr(eplb.cli, "SUBCOMMANDS", (*eplb.cli.SUBCOMMANDS, "demo"))
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo") / "eplb-demo"
@@ -33,8 +26,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
     import io
 
     buf = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
-        mp.setattr(eplb.cli, "SUBCOMMANDS", (*eplb.cli.SUBCOMMANDS, "demo"))
+    with contextlib.redirect_stdout(buf):
         assert eplb.cli.main(["demo", "--out", str(out), "--json"]) == 0
     return out, json.loads(buf.getvalue())
 

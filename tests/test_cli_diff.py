@@ -15,14 +15,6 @@ from eplb.ir.serde import dumps
 from eplb.planner.compile import compile_plan
 from eplb.planner.schedule import schedule
 
-
-@pytest.fixture(autouse=True)
-def _subcommand(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until eplb/cli/__init__.py lists it, run the real main() with this subcommand registered.
-    if "diff" not in eplb.cli.SUBCOMMANDS:
-        monkeypatch.setattr(eplb.cli, "SUBCOMMANDS", (*eplb.cli.SUBCOMMANDS, "diff"))
-
-
 CUR = ModelPlacement.from_lists([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 2, 3]], num_ranks=2)
 # Layer 0: slots 0 and 3 trade experts 0 and 3; rank 0 must receive expert 3, rank 1 copies its
 # other replica of expert 0 locally. Layer 1 is unchanged.

@@ -13,13 +13,6 @@ import eplb.cli
 from eplb.interop import trace_bytes
 
 
-@pytest.fixture(autouse=True)
-def _subcommand(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until eplb/cli/__init__.py lists it, run the real main() with this subcommand registered.
-    if "simulate" not in eplb.cli.SUBCOMMANDS:
-        monkeypatch.setattr(eplb.cli, "SUBCOMMANDS", (*eplb.cli.SUBCOMMANDS, "simulate"))
-
-
 def _trace(windows: int = 4) -> np.ndarray:
     # 2 layers x 8 experts; expert 0 hot in every window, expert 5 hot from window 2 on.
     t = np.full((windows, 2, 8), 100.0)

@@ -17,7 +17,16 @@ from eplb.cli._common import CliError
 from eplb.ir.errors import EplbError
 
 # Subcommands in the order `eplb --help` lists them; each is eplb.cli.<name>.
-SUBCOMMANDS: tuple[str, ...] = ("rebalance", "plan", "inspect", "verify", "run")
+SUBCOMMANDS: tuple[str, ...] = (
+    "demo",
+    "rebalance",
+    "plan",
+    "inspect",
+    "verify",
+    "run",
+    "diff",
+    "simulate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
