@@ -22,12 +22,12 @@ from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
 from eplb.planner.load import as_load_matrix
 
-__all__ = ["LOAD_SUFFIXES", "dump_placement", "read_load", "read_placement"]
+__all__ = ["LOAD_SUFFIXES", "dump_placement", "read_json", "read_load", "read_placement", "torch_load"]
 
 LOAD_SUFFIXES = (".json", ".npy", ".pt")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except OSError as exc:
@@ -36,7 +36,7 @@ def _read_json(path: Path) -> Any:
         raise CliError(f"{path} is not valid JSON ({exc}); write it with json.dump.") from None
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load(path: Path) -> Any:
     import torch  # only .pt files need torch
 
     try:
@@ -60,7 +60,7 @@ def read_load(path: str | Path) -> npt.NDArray[np.float64]:
         )
     data: Any
     if suffix == ".json":
-        data = _read_json(p)
+        data = read_json(p)
         if isinstance(data, dict):
             if "load" not in data:
                 raise CliError(
@@ -76,7 +76,7 @@ def read_load(path: str | Path) -> npt.NDArray[np.float64]:
         except (OSError, ValueError) as exc:
             raise CliError(f"{p} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
     else:
-        data = _torch_load(p)
+        data = torch_load(p)
         if isinstance(data, dict):
             if "logical_count" in data:
                 data = data["logical_count"]
@@ -100,9 +100,9 @@ def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int
     or ``.pt``)."""
     p = Path(path)
     if p.suffix.lower() == ".pt":
-        doc: Any = _torch_load(p)
+        doc: Any = torch_load(p)
     else:
-        doc = _read_json(p)
+        doc = read_json(p)
     if isinstance(doc, dict) and "physical_to_logical_map" in doc:
         rows = doc["physical_to_logical_map"]
         if hasattr(rows, "tolist"):

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eplb.cli._common import CliError
-from eplb.formats import _read_json, _torch_load, read_placement
+from eplb.formats import read_json, read_placement, torch_load
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
@@ -259,7 +259,7 @@ def read_any_placement(
         raise CliError(f"cannot read {p}: no such file; check the path.")
     fmt = format_of(p)
     if fmt == "ir" or fmt == "sglang":
-        doc = _read_json(p)
+        doc = read_json(p)
         if isinstance(doc, dict) and doc.get("type") == "model_placement":
             try:
                 return loads(json.dumps(doc), ModelPlacement)
@@ -284,7 +284,7 @@ def read_any_placement(
         except EplbError as exc:
             raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
     if num_logical_experts is None:
-        doc = _read_json(p) if fmt != "pt" else _torch_load(p)
+        doc = read_json(p) if fmt != "pt" else torch_load(p)
         rows = doc.get("physical_to_logical_map") if isinstance(doc, dict) else None
         if rows is None:
             raise CliError(
@@ -330,9 +330,9 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
                     raise CliError(f"{p}: an .npz needs a 'trace' array (found {data.files[:5]}).")
                 data = data["trace"]
     elif suffix == ".pt":
-        data = _torch_load(p)
+        data = torch_load(p)
     else:
-        data = _read_json(p)
+        data = read_json(p)
     if isinstance(data, dict):
         key = next((k for k in ("logical_count", "trace") if k in data), None)
         if key is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eplb.cli._common import CliError, write_atomic
+from eplb.formats import read_json
 from eplb.ir.errors import SerdeError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.schedule import ScheduleLimits
@@ -88,15 +89,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_json(path: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CliError(f"cannot read {path}: no such file.") from None
-    except ValueError as exc:
-        raise CliError(f"cannot read {path}: not JSON ({exc}).") from None
-
-
 def _read_topology(path: str) -> Topology:
     try:
         return loads(Path(path).read_text(), Topology)
@@ -108,7 +100,7 @@ def _read_topology(path: str) -> Topology:
 
 def _read_placement(path: str, topology: Topology | None) -> ModelPlacement:
     """An IR ``model_placement`` document or a ``[layers][slots]`` JSON list."""
-    doc = _read_json(path) if path.endswith(".json") else None
+    doc = read_json(Path(path)) if path.endswith(".json") else None
     if isinstance(doc, dict):
         try:
             return loads(json.dumps(doc), ModelPlacement)
@@ -136,7 +128,7 @@ def _target_from_load(
     else:
         import numpy as np
 
-        load = np.load(args.load) if args.load.endswith(".npy") else np.asarray(_read_json(args.load))
+        load = np.load(args.load) if args.load.endswith(".npy") else np.asarray(read_json(Path(args.load)))
     target = rebalance_mod.rebalance(load, topology, current=current, policy=args.policy)
     if not isinstance(target, ModelPlacement):
         raise CliError(f"policy {args.policy!r} returned {type(target).__name__}, not a ModelPlacement.")
