@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import eplb.cli
 from eplb.ir import Schedule
 from eplb.ir.serde import loads
 
-DOCS = Path(__file__).parent.parent / "docs"
+ROOT = Path(__file__).parent.parent
+DOCS = ROOT / "docs"
 _BLOCK = re.compile(r"```json\n(.*?)```", re.S)
 
 
@@ -38,3 +40,29 @@ def test_ir_doc_text_form_matches_example() -> None:
     schedule = loads(_BLOCK.findall(md)[0], Schedule)
     lines = ("L00" + text_block).strip().splitlines()
     assert lines == [str(op) for op in schedule.ops()]
+
+
+def _help_text(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal width
+    with pytest.raises(SystemExit):
+        eplb.cli.main([*argv, "--help"])
+    return capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("command", ["", *eplb.cli.SUBCOMMANDS])
+def test_cli_reference_shows_real_help(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _help_text([command] if command else [], monkeypatch, capsys)
+    doc = (DOCS / "cli.md").read_text()
+    assert f"## `eplb{' ' + command if command else ''}`" in doc
+    assert text in doc, f"docs/cli.md is out of date for `eplb {command} --help`; paste its output"
+
+
+def test_doc_links_resolve() -> None:
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
