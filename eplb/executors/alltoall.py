@@ -18,7 +18,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import Executor, ExecutorError, RunContext, iter_peer_order
+from eplb.executors.base import Executor, ExecutorError, PackedExecutor, RunContext, iter_peer_order
 from eplb.ir.ops import Recv, Send
 from eplb.ir.topology import Topology, Transport
 
@@ -27,7 +27,7 @@ __all__ = ["AllToAllExecutor"]
 _UNBOUNDED = 1 << 62
 
 
-class AllToAllExecutor(Executor):
+class AllToAllExecutor(PackedExecutor):
     """``all_to_all_single`` per round (NCCL on GPUs, gloo on CPUs)."""
 
     name = "alltoall"
@@ -75,18 +75,6 @@ class AllToAllExecutor(Executor):
         ctx.state["send_buf"] = torch.empty(send_max * eb, dtype=torch.uint8, device=ctx.device)
         ctx.state["recv_buf"] = torch.empty(recv_max * eb, dtype=torch.uint8, device=ctx.device)
         ctx.buffer_bytes = (send_max + recv_max) * eb
-
-    def begin_transfers(self, ctx: RunContext) -> None:
-        ctx.state["sends"] = []
-        ctx.state["recvs"] = []
-
-    def send(self, op: Send, ctx: RunContext) -> None:
-        ctx.state["sends"].append(op)
-        ctx.bytes_sent += ctx.expert_bytes
-
-    def recv(self, op: Recv, ctx: RunContext) -> None:
-        ctx.state["recvs"].append(op)
-        ctx.bytes_received += ctx.expert_bytes
 
     def post_transfers(self, ctx: RunContext) -> None:
         num_chunks = ctx.state["chunks"][ctx.round]

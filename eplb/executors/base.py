@@ -49,6 +49,7 @@ __all__ = [
     "ExecutionError",
     "Executor",
     "ExecutorError",
+    "PackedExecutor",
     "RunContext",
     "RunReport",
     "Weights",
@@ -531,6 +532,24 @@ class Executor(abc.ABC):
             untouched_layers=untouched,
             partial_layers=partial,
         )
+
+
+class PackedExecutor(Executor):
+    """A backend that packs a round: ``send``/``recv`` only collect the round's ops (in
+    ``ctx.state["sends"]`` / ``["recvs"]``, schedule order) and ``post_transfers`` moves them
+    all in one go (alltoall, cpu_staged)."""
+
+    def begin_transfers(self, ctx: RunContext) -> None:
+        ctx.state["sends"] = []
+        ctx.state["recvs"] = []
+
+    def send(self, op: Send, ctx: RunContext) -> None:
+        ctx.state["sends"].append(op)
+        ctx.bytes_sent += ctx.expert_bytes
+
+    def recv(self, op: Recv, ctx: RunContext) -> None:
+        ctx.state["recvs"].append(op)
+        ctx.bytes_received += ctx.expert_bytes
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import Executor, RunContext, RunReport, Weights
+from eplb.executors.base import Executor, PackedExecutor, RunContext, RunReport, Weights
 from eplb.executors.p2p import global_rank
 from eplb.ir.ops import Recv, Send
 from eplb.ir.schedule import Schedule
@@ -28,7 +28,7 @@ from eplb.ir.topology import Topology, Transport
 __all__ = ["CpuStagedExecutor"]
 
 
-class CpuStagedExecutor(Executor):
+class CpuStagedExecutor(PackedExecutor):
     """Host-staged transfers over gloo, overlapping host copies with the network."""
 
     name = "cpu_staged"
@@ -80,18 +80,6 @@ class CpuStagedExecutor(Executor):
         ctx.state["host_recv"] = torch.empty((recvs, eb), dtype=torch.uint8, pin_memory=True)
         ctx.state["stream"] = torch.cuda.Stream(device=ctx.device)  # type: ignore[no-untyped-call]
         ctx.host_buffer_bytes = (sends + recvs) * eb
-
-    def begin_transfers(self, ctx: RunContext) -> None:
-        ctx.state["sends"] = []
-        ctx.state["recvs"] = []
-
-    def send(self, op: Send, ctx: RunContext) -> None:
-        ctx.state["sends"].append(op)
-        ctx.bytes_sent += ctx.expert_bytes
-
-    def recv(self, op: Recv, ctx: RunContext) -> None:
-        ctx.state["recvs"].append(op)
-        ctx.bytes_received += ctx.expert_bytes
 
     def post_transfers(self, ctx: RunContext) -> None:
         sends: list[Send] = ctx.state.pop("sends", [])
