@@ -1,9 +1,11 @@
 """Tier 1 (CPU, one process, no process group): `EplbState`'s single-rank behaviour: map shapes
 and in-place storage, the sliding window, the step interval, dummy steps, a rearrangement that
-changes replicas, rollback after an injected fault, and the errors a user sees."""
+changes replicas, rollback after an injected fault, the bounded rollback backup (chunks cut to
+``max_backup_bytes``), and the errors a user sees."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from eplb.executors.base import RunContext
 from eplb.executors.local import LocalExecutor
 from eplb.ir import InvalidValueError, ModelPlacement
 from eplb.runtime import EplbState, LayerStatus, RearrangementError, RuntimeConfig
-from eplb.runtime.state import _all_peer_placement
+from eplb.runtime.state import DEFAULT_BACKUP_LAYERS, _all_peer_placement, _Backup, _budget_chunks
 from examples.moe_ep import ExpertParallelMoE, MoEConfig, logical_weights, reference_forward
 
 CFG = MoEConfig(num_layers=2, num_experts=6, slots_per_rank=9, skew=4.0)
@@ -172,9 +174,139 @@ def test_all_peer_placement_reaches_every_peer_and_keeps_the_experts() -> None:
                 assert b.physical_to_logical[dst * 3 + k] == a.physical_to_logical[r * 3 + k]
 
 
+CFG6 = MoEConfig(num_layers=6, num_experts=6, slots_per_rank=9, skew=4.0)
+SLOT_BYTES = 2 * CFG6.hidden * CFG6.ffn * 8  # w1 + w2 of one expert, float64
+
+
+def _rearranged(monkeypatch: pytest.MonkeyPatch, **config: Any) -> tuple[Any, ...]:
+    """One deepseek rearrangement of CFG6 on one rank; returns the model, the state, its report
+    and the bytes of every `_Backup` taken (measured on the copies themselves), in order."""
+    taken: list[int] = []
+    take = _Backup.take
+
+    def spy(weights: Any, slots: Any, device: Any) -> _Backup:
+        backup = take(weights, slots, device)
+        taken.append(sum(t.numel() * t.element_size() for t in backup.tensors))
+        return backup
+
+    monkeypatch.setattr(_Backup, "take", spy)
+    model = ExpertParallelMoE(CFG6, rank=0, num_ranks=1)
+    state = EplbState.build(
+        model, config=RuntimeConfig(step_interval=100, window_size=4, policy="deepseek", **config)
+    )
+    model(torch.randn(64, CFG6.hidden, dtype=CFG6.dtype, generator=torch.Generator().manual_seed(3)))
+    state.step()
+    report = state.rearrange()
+    monkeypatch.undo()
+    return model, state, report, taken
+
+
+@pytest.mark.parametrize("budget_slots", [5, 12])
+def test_a_backup_budget_cuts_chunks_and_moves_the_same_as_one_chunk(
+    monkeypatch: pytest.MonkeyPatch, budget_slots: int
+) -> None:
+    one_model, one_state, one, _ = _rearranged(monkeypatch, max_backup_bytes=10**12)
+    budget = budget_slots * SLOT_BYTES
+    model, state, report, taken = _rearranged(monkeypatch, max_backup_bytes=budget)
+    assert one.chunks == 1 and len(one.layers_planned) == CFG6.num_layers
+    assert report.chunks > 1 and report.backup_budget == budget and report.done
+    # Consecutive chunks of the planned layers, in order, each run once.
+    assert [layer for c in report.chunk_layers for layer in c] == list(report.layers_planned)
+    # Measured on the copies: per chunk, its layers' backups (one take per layer).
+    starts = [0]
+    for c in report.chunk_layers:
+        starts.append(starts[-1] + len(c))
+    measured = [sum(taken[a:b]) for a, b in itertools.pairwise(starts)]
+    assert measured == report.backup_bytes and sum(measured) > 0
+    for layers, nbytes in zip(report.chunk_layers, measured, strict=True):
+        assert nbytes <= budget or len(layers) == 1, (layers, nbytes, budget)
+    if budget_slots == 5:  # some layer changes more than 5 slots: it moved alone, over budget
+        assert max(measured) > budget
+    else:  # some chunk holds several layers
+        assert max(len(c) for c in report.chunk_layers) > 1 and max(measured) <= budget
+    assert "chunk(s), backup peak" in str(report) and "(budget " in str(report)
+    # Same maps, weights and outputs as the one-chunk run.
+    assert state.placement == one_state.placement
+    assert torch.equal(state.physical_to_logical_map, one_state.physical_to_logical_map)
+    assert torch.equal(state.logical_to_physical_map, one_state.logical_to_physical_map)
+    assert torch.equal(state.logical_replica_count, one_state.logical_replica_count)
+    assert state.layer_status() == one_state.layer_status()
+    for ws, one_ws in zip(model.expert_weights, one_model.expert_weights, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ws, one_ws, strict=True))
+    x = torch.randn(32, CFG6.hidden, dtype=CFG6.dtype, generator=torch.Generator().manual_seed(4))
+    ref = reference_forward(CFG6, logical_weights(CFG6), x)
+    assert torch.allclose(model(x, record=False), ref, atol=1e-12, rtol=0)
+    assert torch.equal(model(x, record=False), one_model(x, record=False))
+
+
+def test_the_default_budget_is_eight_layers_of_a_ranks_slots_and_explicit_chunks_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = EplbState.build(ExpertParallelMoE(CFG6, rank=0, num_ranks=1))
+    assert DEFAULT_BACKUP_LAYERS == 8 and state.max_backup_bytes == 8 * 9 * SLOT_BYTES
+    assert EplbState.build(_model(), config=RuntimeConfig(max_backup_bytes=123)).max_backup_bytes == 123
+    # An explicit layers_per_chunk wins over a budget it overshoots.
+    _, _, report, taken = _rearranged(monkeypatch, max_backup_bytes=SLOT_BYTES, layers_per_chunk=6)
+    assert report.chunks == 1 and report.backup_budget is None and sum(taken) > SLOT_BYTES
+    # Without rollback nothing is backed up, so nothing bounds the chunk.
+    _, _, report, taken = _rearranged(monkeypatch, max_backup_bytes=SLOT_BYTES, rollback=False)
+    assert report.chunks == 1 and report.backup_bytes == [0] and not taken
+
+
+def test_budget_chunks_fit_the_busiest_rank_and_an_oversize_layer_moves_alone() -> None:
+    # 2 ranks x 3 slots, experts 0-2; each target layer rewrites some slots of one rank.
+    same = [0, 1, 2, 0, 1, 2]
+    targets = [
+        [1, 0, 2, 0, 1, 2],  # 0: rank 0 rewrites 2 slots
+        [0, 1, 2, 1, 0, 2],  # 1: rank 1 rewrites 2: fits beside layer 0 (per rank, not summed)
+        [0, 1, 0, 0, 1, 2],  # 2: rank 0 rewrites 1: 3 > 2 on rank 0, a new chunk
+        same,  # 3: unchanged, not in `changed`
+        [0, 1, 2, 1, 2, 0],  # 4: rank 1 rewrites 3 > budget: a chunk of its own
+        [0, 1, 2, 0, 2, 2],  # 5: rank 1 rewrites 1
+    ]
+    cur = ModelPlacement.from_lists([same] * 6, num_ranks=2, num_logical_experts=3)
+    tgt = ModelPlacement.from_lists(targets, num_ranks=2, num_logical_experts=3)
+    changed = [0, 1, 2, 4, 5]
+    assert _budget_chunks(changed, cur, tgt, [10] * 6, 20) == [(0, 1), (2,), (4,), (5,)]
+    assert _budget_chunks(changed, cur, tgt, [10] * 6, 30) == [(0, 1, 2), (4,), (5,)]
+    assert _budget_chunks(changed, cur, tgt, [10] * 6, 40) == [(0, 1, 2), (4, 5)]
+    assert _budget_chunks(changed, cur, tgt, [10] * 6, 10**9) == [tuple(changed)]
+    assert _budget_chunks(changed, cur, tgt, [10] * 6, 1) == [(c,) for c in changed]
+    assert _budget_chunks([], cur, tgt, [10] * 6, 20) == []
+
+
+@pytest.mark.parametrize(("budget_slots", "reserved_slots"), [(20, 20), (5, 9), (10**6, 6 * 9)])
+def test_the_profile_run_reserves_the_largest_backup_a_chunk_can_need(
+    monkeypatch: pytest.MonkeyPatch, budget_slots: int, reserved_slots: int
+) -> None:
+    # Whole slots up to the budget; one whole layer when a layer is larger than the budget
+    # (it moves alone); every slot of every layer when the budget holds them all.
+    held: list[int] = []
+    take = _Backup.take
+
+    def spy(weights: Any, slots: Any, device: Any) -> _Backup:
+        held.append(len(list(slots)))
+        return take(weights, slots, device)
+
+    monkeypatch.setattr(_Backup, "take", spy)
+    state = EplbState.build(
+        ExpertParallelMoE(CFG6, rank=0, num_ranks=1),
+        config=RuntimeConfig(max_backup_bytes=budget_slots * SLOT_BYTES),
+    )
+    report = state.profile()
+    assert sum(held) == reserved_slots and report.backup_budget == budget_slots * SLOT_BYTES
+
+
 def test_errors_say_what_to_change() -> None:
     with pytest.raises(InvalidValueError, match=r"'window_size' must be an int > 0 \(got 0\)"):
         RuntimeConfig(window_size=0)
+    for bad_budget in (0, -1, True, 1.5):
+        with pytest.raises(
+            InvalidValueError,
+            match=rf"'max_backup_bytes' must be an int > 0 \(bytes\) or None \(got {bad_budget!r}\); "
+            r"pass None for the default \(8 layers' worth of a rank's slots\), set layers_per_chunk",
+        ):
+            RuntimeConfig(max_backup_bytes=bad_budget)  # type: ignore[arg-type]
     model = _model()
     model._w1[1] = model._w1[1][:3]
     with pytest.raises(

@@ -27,7 +27,10 @@ switch only after every rank reports its weights in place (one vote per chunk). 
 ``incremental=True`` one chunk moves per `step`, so serving never stalls for the whole model.
 Fault semantics: before a chunk runs, each rank copies the slots the chunk overwrites; if any
 rank fails, every layer of the chunk not completed on every rank gets its old weights back
-(`layer_status` says which layers moved and which rolled back).
+(`layer_status` says which layers moved and which rolled back). Those copies are bounded: by
+default blocking mode cuts the changed layers into chunks whose copies fit
+``RuntimeConfig.max_backup_bytes`` (default: `DEFAULT_BACKUP_LAYERS` layers' worth of a rank's
+slots) on the busiest rank.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from eplb.planner.verify import verify
 from eplb.runtime.model import EplbAwareModel, MoEModel, check_model, expert_bytes
 
 __all__ = [
+    "DEFAULT_BACKUP_LAYERS",
     "EplbState",
     "LayerStatus",
     "RearrangeReport",
@@ -67,6 +71,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("eplb.runtime")
+
+#: ``RuntimeConfig.max_backup_bytes=None`` resolves to this many layers' worth of a rank's slots
+#: (every local slot of the layer, all its tensors): 3.17 GB per GPU at DeepSeek-V3 shape (9 slots
+#: per rank x 44.05 MB) against 23 GB for an unbounded from-scratch re-plan of its 58 layers.
+DEFAULT_BACKUP_LAYERS = 8
 
 
 class RearrangementError(EplbError):
@@ -95,6 +104,16 @@ def _positive(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> N
         raise InvalidValueError(attr.name, f"must be an int > 0 (got {value!r}).")
 
 
+def _backup_budget(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise InvalidValueError(
+            attr.name,
+            f"must be an int > 0 (bytes) or None (got {value!r}); pass None for the default "
+            f"({DEFAULT_BACKUP_LAYERS} layers' worth of a rank's slots), set layers_per_chunk to "
+            "choose the chunks yourself, or rollback=False to keep no backup.",
+        )
+
+
 @attrs.frozen(kw_only=True)
 class RuntimeConfig:
     """How the state records load and when and how it rebalances.
@@ -103,8 +122,10 @@ class RuntimeConfig:
     ``step_interval``: steps between rearrangements; the first comes at 3/4 of it.
     ``policy``: a registered policy name; None is ``migration_aware`` (the current placement is
     always known here). ``policy_options`` go to it.
-    ``layers_per_chunk``: layers per executor run (one vote and one backup each); None means all
-    changed layers at once when blocking, 1 when ``incremental``.
+    ``layers_per_chunk``: layers per executor run (one vote and one backup each); None means 1
+    when ``incremental``; when blocking, all changed layers at once, cut into consecutive chunks
+    whose backup fits ``max_backup_bytes`` when ``rollback`` is on. An explicit value wins over
+    the budget.
     ``incremental``: move one chunk per `EplbState.step` instead of all in one call.
     ``executor``: a backend name for `select_executor`, or an `Executor` instance (an explicit
     choice wins); None: chosen from the topology and the weights' device (``local`` in a single
@@ -114,6 +135,11 @@ class RuntimeConfig:
     off saves that memory but a layer left partial by a fault is `LayerStatus.CORRUPT`.
     ``backup_device``: where those copies live (None: the weights' device; ``"cpu"`` saves GPU
     memory at the cost of device-to-host copies).
+    ``max_backup_bytes``: the most bytes one chunk's backup may take on any rank, when blocking
+    with ``layers_per_chunk=None`` and ``rollback`` on. None: `DEFAULT_BACKUP_LAYERS` layers'
+    worth of a rank's slots (resolved at `EplbState.build`; `EplbState.max_backup_bytes`). Every
+    rank cuts the same chunks, from the agreed placements; a single layer whose backup exceeds
+    the budget forms a chunk of its own.
     """
 
     window_size: int = attrs.field(default=1000, validator=_positive)
@@ -127,6 +153,7 @@ class RuntimeConfig:
     limits: ScheduleLimits | None = None
     rollback: bool = True
     backup_device: str | None = None
+    max_backup_bytes: int | None = attrs.field(default=None, validator=_backup_budget)
 
 
 @attrs.define(kw_only=True)
@@ -138,6 +165,10 @@ class RearrangeReport:
     ``verify``, ``select``, ``backup``, ``execute``, ``vote``, ``commit``/``restore``.
     ``balancedness_before`` / ``balancedness_after``: the window's load on the old and new
     placement (mean / max rank load summed over layers, as vLLM logs it).
+    ``chunks`` counts executor runs (the profile run makes two); ``chunk_layers`` holds each run's
+    layers and ``backup_bytes`` the bytes this rank backed up for it (0 with rollback off).
+    ``backup_budget``: the bytes the chunks were cut to fit (None when ``layers_per_chunk``,
+    incremental mode or ``rollback=False`` fixed them).
     """
 
     index: int
@@ -152,6 +183,9 @@ class RearrangeReport:
     slots_moved: int = 0
     bytes_moved: int = 0
     chunks: int = 0
+    chunk_layers: list[tuple[int, ...]] = attrs.field(factory=list)
+    backup_bytes: list[int] = attrs.field(factory=list)
+    backup_budget: int | None = None
     error: str | None = None
     done: bool = False
 
@@ -166,12 +200,17 @@ class RearrangeReport:
         phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
         state = "done" if self.done else "in progress"
         fault = f"; FAULT: {self.error}" if self.error else ""
+        backup = (
+            f", backup peak {max(self.backup_bytes, default=0) / 1e9:.3f} GB" if self.backup_bytes else ""
+        )
+        budget = f" (budget {self.backup_budget / 1e9:.3f} GB)" if self.backup_budget is not None else ""
         return (
             f"rearrangement #{self.index}{' (profile)' if self.profile else ''} {state}: "
             f"{len(self.layers_migrated)}/{len(self.layers_planned)} layers moved, "
             f"{len(self.layers_rolled_back)} rolled back, {self.slots_moved} slots, "
-            f"{self.bytes_moved / 1e9:.3f} GB, balancedness {self.balancedness_before:.4f} -> "
-            f"{self.balancedness_after:.4f}; {phases}{fault}"
+            f"{self.bytes_moved / 1e9:.3f} GB in {self.chunks} chunk(s){backup}{budget}, "
+            f"balancedness {self.balancedness_before:.4f} -> {self.balancedness_after:.4f}; "
+            f"{phases}{fault}"
         )
 
 
@@ -229,6 +268,16 @@ class EplbState:
         self.last_stats: dict[str, float] | None = None
         self.needs_new_group = False
         self._executor: Executor | None = None
+        # Bytes of one slot of each layer (all its tensors): what backing up that slot costs.
+        self._slot_bytes = [
+            sum(t[0].numel() * t.element_size() for t in tensors) for tensors in model.expert_weights
+        ]
+        # The backup budget in force: `RuntimeConfig.max_backup_bytes`, None resolved here.
+        self.max_backup_bytes: int = (
+            config.max_backup_bytes
+            if config.max_backup_bytes is not None
+            else DEFAULT_BACKUP_LAYERS * num_s * max(self._slot_bytes)
+        )
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -451,7 +500,8 @@ class EplbState:
             LayerStatus.PENDING if i in set(changed) else LayerStatus.STABLE
             for i in range(current.num_layers)
         ]
-        self._pending = _Pending(target=target, chunks=self._chunks(changed), report=report)
+        chunks, report.backup_budget = self._chunks(changed, current, target)
+        self._pending = _Pending(target=target, chunks=chunks, report=report)
         if self.config.incremental:
             self._advance()
         else:
@@ -465,11 +515,21 @@ class EplbState:
             self._advance()
         return report
 
-    def _chunks(self, changed: Sequence[int]) -> list[tuple[int, ...]]:
+    def _chunks(
+        self, changed: Sequence[int], current: ModelPlacement, target: ModelPlacement
+    ) -> tuple[list[tuple[int, ...]], int | None]:
+        """The chunks ``changed`` moves in, and the backup budget they were cut to (or None).
+
+        Derived from the agreed placements only, so every rank cuts the same chunks."""
         size = self.config.layers_per_chunk
+        if size is None and self.config.incremental:
+            size = 1
+        if size is None and self.config.rollback:
+            budget = self.max_backup_bytes
+            return _budget_chunks(changed, current, target, self._slot_bytes, budget), budget
         if size is None:
-            size = 1 if self.config.incremental else max(1, len(changed))
-        return [tuple(changed[i : i + size]) for i in range(0, len(changed), size)]
+            size = max(1, len(changed))
+        return [tuple(changed[i : i + size]) for i in range(0, len(changed), size)], None
 
     def _plan_target(self, load: np.ndarray[Any, Any]) -> ModelPlacement:
         return rebalance(
@@ -504,7 +564,6 @@ class EplbState:
             self._end(report)
             return
         chunk = pending.chunks.pop(0)
-        report.chunks += 1
         try:
             self._move_chunk(chunk, pending.target, report)
         except RearrangementError:
@@ -524,6 +583,9 @@ class EplbState:
 
     def _move_chunk(self, chunk: tuple[int, ...], target: ModelPlacement, report: RearrangeReport) -> None:
         """Compile, schedule, verify and run one chunk of layers; then vote, commit or restore."""
+        report.chunks += 1
+        report.chunk_layers.append(chunk)
+        report.backup_bytes.append(0)
         cur = ModelPlacement(layers=[self._placement.layers[i] for i in chunk])
         tgt = ModelPlacement(layers=[target.layers[i] for i in chunk])
         weights = [list(self.model.expert_weights[i]) for i in chunk]
@@ -542,6 +604,7 @@ class EplbState:
                     _Backup.take(weights[i], slots, self.config.backup_device)
                     for i, slots in enumerate(_written_slots(sched, self.rank))
                 ]
+                report.backup_bytes[-1] = sum(b.nbytes for b in backup)
         completed = [True] * len(chunk)
         untouched = [True] * len(chunk)
         error: BaseException | None = None
@@ -655,17 +718,21 @@ class EplbState:
         report = RearrangeReport(index=len(self._reports), profile=True)
         self._reports.append(report)
         t0 = time.perf_counter()
-        size = self.config.layers_per_chunk or (1 if self.config.incremental else self._placement.num_layers)
-        chunk = tuple(range(min(size, self._placement.num_layers)))
+        reserved = 0
+        original = self._placement
+        shuffle = _all_peer_placement(original)
+        # The first chunk a real rearrangement to the shuffle would move (the budget's cut).
+        chunks, report.backup_budget = self._chunks(range(original.num_layers), original, shuffle)
+        chunk = chunks[0]
         if self.config.rollback:
             with _phase(report, "backup"):
-                # Every local slot of a full chunk: the most any chunk can overwrite.
-                for i in chunk:
-                    _Backup.take(
-                        list(self.model.expert_weights[i]),
-                        range(self.topology.slots_per_rank),
-                        self.config.backup_device,
-                    )
+                # The most any chunk can back up, held at once so the allocator reaches that peak.
+                held = [
+                    _Backup.take(list(self.model.expert_weights[i]), range(n), self.config.backup_device)
+                    for i, n in enumerate(self._largest_backup())
+                ]
+                reserved = sum(b.nbytes for b in held)
+                del held
         if self.control_group is not None:
             with _phase(report, "gather"):
                 # The collectives a rearrangement makes on the control group, once, so their
@@ -681,19 +748,42 @@ class EplbState:
             if warmup is not None:
                 with _phase(report, "warmup"):
                     warmup(self.topology, self.group, device=self.device)
-            original = self._placement
             saved_status = list(self._status)
             try:
                 # Two real moves through the configured executor: to the shuffle and back.
-                for tgt in (_all_peer_placement(original), original):
+                for tgt in (shuffle, original):
                     self._move_chunk(chunk, tgt, report)
             finally:
                 self._status = saved_status
             report.layers_migrated.clear()
         report.done = True
         if self.rank == 0:
-            logger.info("EPLB profile run done in %.3f s: %s", time.perf_counter() - t0, report)
+            logger.info(
+                "EPLB profile run done in %.3f s (%.3f GB backup reserved): %s",
+                time.perf_counter() - t0,
+                reserved / 1e9,
+                report,
+            )
         return report
+
+    def _largest_backup(self) -> list[int]:
+        """Slots per layer (from layer 0) whose backup is the most one chunk can take on a rank:
+        every slot of a fixed chunk's layers; under the budget, whole slots up to it, or every
+        slot of one layer when a single layer is larger than the budget (it moves alone)."""
+        num_l, num_s = self._placement.num_layers, self.topology.slots_per_rank
+        size = self.config.layers_per_chunk
+        if size is None and self.config.incremental:
+            size = 1
+        if size is None:
+            left, out = self.max_backup_bytes, []
+            for nbytes in self._slot_bytes:
+                n = min(num_s, left // nbytes) if nbytes else num_s
+                if n == 0:
+                    break
+                out.append(n)
+                left -= n * nbytes
+            return out if out and out[0] == num_s else [num_s]
+        return [num_s] * min(size, num_l)
 
 
 def group_src(group: Any) -> int:
@@ -716,6 +806,36 @@ def _all_peer_placement(placement: ModelPlacement) -> ModelPlacement:
             out[(src + 1 + k) % r * s + k] = e
         layers.append(attrs.evolve(layer, physical_to_logical=out))
     return ModelPlacement(layers=layers)
+
+
+def _budget_chunks(
+    changed: Sequence[int],
+    current: ModelPlacement,
+    target: ModelPlacement,
+    slot_bytes: Sequence[int],
+    budget: int,
+) -> list[tuple[int, ...]]:
+    """``changed`` cut into consecutive chunks whose backup fits ``budget`` on every rank.
+
+    A layer's backup on rank ``r`` is the slots of ``r`` whose expert changes (the compiler
+    writes exactly those; staging buffers are not backed up) times ``slot_bytes[layer]``. A chunk
+    grows while the busiest rank's sum fits; a layer larger than the budget alone is its own
+    chunk. Pure in the agreed placements, so every rank gets the same chunks."""
+    chunks: list[tuple[int, ...]] = []
+    layers: list[int] = []
+    held = np.zeros(current.num_ranks, dtype=np.int64)
+    for layer in changed:
+        cur = np.asarray(current.layers[layer].physical_to_logical)
+        tgt = np.asarray(target.layers[layer].physical_to_logical)
+        cost = (cur != tgt).reshape(current.num_ranks, -1).sum(axis=1) * slot_bytes[layer]
+        if layers and int((held + cost).max()) > budget:
+            chunks.append(tuple(layers))
+            layers, held = [], np.zeros_like(held)
+        layers.append(layer)
+        held += cost
+    if layers:
+        chunks.append(tuple(layers))
+    return chunks
 
 
 def _written_slots(sched: Schedule, rank: int) -> list[list[int]]:
@@ -746,6 +866,10 @@ class _Backup:
             slots=idx,
             tensors=[w.index_select(0, idx).to(device or w.device) for w in weights],
         )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def restore(self, weights: Sequence[torch.Tensor]) -> None:
         if self.slots.numel() == 0:
