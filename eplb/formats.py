@@ -10,6 +10,7 @@ one line naming the file, the problem and the fix.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
 from eplb.planner.load import as_load_matrix
 
-__all__ = ["LOAD_SUFFIXES", "dump_placement", "read_json", "read_load", "read_placement", "torch_load"]
+__all__ = [
+    "LOAD_SUFFIXES",
+    "check_numeric",
+    "dump_placement",
+    "np_load",
+    "read_json",
+    "read_load",
+    "read_placement",
+    "torch_load",
+]
 
 LOAD_SUFFIXES = (".json", ".npy", ".pt")
 
@@ -40,14 +50,64 @@ def torch_load(path: Path) -> Any:
     import torch  # only .pt files need torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. the pickle-protocol warning of a non-torch pickle
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CliError(f"cannot read {path}: no such file; check the path.") from None
+    except OSError as exc:
+        if not exc.strerror:  # torch's own "not a zip file" errors carry no errno
+            raise CliError(f"{path} is not a torch file ({exc}); save it with torch.save.") from None
+        raise CliError(f"cannot read {path}: {exc.strerror}; check the path.") from None
     except Exception as exc:  # torch raises many kinds (pickle, zip, unsupported global)
         raise CliError(
-            f"{path} is not a torch file loadable with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); save a plain tensor or dict of tensors."
+            f"{path} is not a torch file eplb can load safely (torch.load with weights_only=True: "
+            f"{_torch_reason(exc)}); save a plain tensor or dict of tensors with torch.save."
         ) from None
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The useful part of a torch.load error: the unpickler's own reason, else the first line."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        return reason.split(". ")[0].rstrip(".") or type(exc).__name__
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def np_load(path: Path) -> Any:
+    """``numpy.load`` of a ``.npy`` / ``.npz`` without pickles; every failure is a `CliError`."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except FileNotFoundError:
+        raise CliError(f"cannot read {path}: no such file; check the path.") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+    if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
+        what = "empty" if not head else "not a numpy file (no .npy or .npz header)"
+        raise CliError(f"{path} is {what}; save it with numpy.save.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CliError(f"{path} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
+
+
+def check_numeric(data: Any, path: Path) -> None:
+    """Refuse arrays and tensors of booleans, complex numbers or other non-numbers as load."""
+    dtype = getattr(data, "dtype", None)
+    if dtype is None:
+        return
+    name = str(dtype).removeprefix("torch.")
+    numeric = (
+        dtype.kind in "iuf"
+        if isinstance(dtype, np.dtype)
+        else not (name == "bool" or name.startswith("complex"))
+    )
+    if not numeric:
+        raise CliError(f"{path}: the load holds {name} values; save token counts as integers or floats.")
 
 
 def read_load(path: str | Path) -> npt.NDArray[np.float64]:
@@ -69,12 +129,10 @@ def read_load(path: str | Path) -> npt.NDArray[np.float64]:
                 )
             data = data["load"]
     elif suffix == ".npy":
-        try:
-            data = np.load(p, allow_pickle=False)
-        except FileNotFoundError:
-            raise CliError(f"cannot read {p}: no such file; check the path.") from None
-        except (OSError, ValueError) as exc:
-            raise CliError(f"{p} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
+        data = np_load(p)
+        if not isinstance(data, np.ndarray):
+            data.close()
+            raise CliError(f"{p} is an .npz archive, not an .npy array; save the load with numpy.save.")
     else:
         data = torch_load(p)
         if isinstance(data, dict):
@@ -89,6 +147,7 @@ def read_load(path: str | Path) -> npt.NDArray[np.float64]:
                     f"{p}: a dict needs 'logical_count' (SGLang dump) or 'load' (found "
                     f"{sorted(map(str, data))[:5]}); save the load tensor itself."
                 )
+    check_numeric(data, p)
     try:
         return as_load_matrix(data)
     except EplbError as exc:
@@ -107,6 +166,17 @@ def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int
         rows = doc["physical_to_logical_map"]
         if hasattr(rows, "tolist"):
             rows = rows.tolist()
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            raise CliError(
+                f"{p}: physical_to_logical_map must be [layers][slots] expert ids, a list of lists "
+                f"(got {type(rows).__name__} {str(rows)[:40]}); write one list of expert ids per layer."
+            )
+        ragged = next((i for i, row in enumerate(rows) if len(row) != len(rows[0])), None)
+        if ragged is not None:
+            raise CliError(
+                f"{p}: physical_to_logical_map layer {ragged} lists {len(rows[ragged])} slots but layer 0 "
+                f"lists {len(rows[0])}; every layer needs one expert per slot."
+            )
         try:
             return ModelPlacement.from_lists(
                 rows, num_ranks=num_ranks, num_logical_experts=num_logical_experts

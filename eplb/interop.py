@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eplb.cli._common import CliError
-from eplb.formats import read_json, read_placement, torch_load
+from eplb.formats import check_numeric, np_load, read_json, read_placement, torch_load
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
@@ -123,6 +123,7 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
     layers: dict[int, list[int]] = {}
     section: str | None = None
     current_layer: int | None = None
+    layer_indent: int | None = None
     for n, raw in enumerate(text.splitlines(), 1):
         where = f"{source} line {n}"
         line = raw.split("#", 1)[0].rstrip()
@@ -162,7 +163,16 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
             continue
         if section != "initial_global_assignments":
             raise CliError(f"{where}: unexpected indented key {key!r} under {section!r}.")
+        if layer_indent is None:
+            layer_indent = indent
+        elif indent != layer_indent:
+            raise CliError(
+                f"{where}: layer {key} is indented {indent} spaces, the layers above {layer_indent}; "
+                "indent every layer of initial_global_assignments alike."
+            )
         layer = _int(key, where)
+        if layer < 0:
+            raise CliError(f"{where}: layer {layer} is negative; keys are the model's layer indices (>= 0).")
         if layer in layers:
             raise CliError(f"{where}: layer {layer} appears twice; keep one entry per layer.")
         layers[layer] = _flow_list(value, where) if value else []
@@ -184,14 +194,17 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
             f"{source}: layers must be consecutive; missing {missing[:8]}. Give every MoE layer a row."
         )
     rows = [layers[k] for k in keys]
-    if "num_slots" in top:
-        num_slots = _int(top["num_slots"], f"{source}: num_slots")
-        bad = [k for k, r in zip(keys, rows, strict=True) if len(r) != num_slots]
-        if bad:
-            raise CliError(
-                f"{source}: layer {bad[0]} lists {len(layers[bad[0]])} slots but num_slots is "
-                f"{num_slots}; every layer needs one expert per slot."
-            )
+    empty = next((k for k in keys if not layers[k]), None)
+    if empty is not None:
+        raise CliError(f"{source}: layer {empty} lists no slots; give it one expert id per slot.")
+    num_slots = _int(top["num_slots"], f"{source}: num_slots") if "num_slots" in top else len(rows[0])
+    bad = [k for k, r in zip(keys, rows, strict=True) if len(r) != num_slots]
+    if bad:
+        than = f"num_slots is {num_slots}" if "num_slots" in top else f"layer {keys[0]} lists {num_slots}"
+        raise CliError(
+            f"{source}: layer {bad[0]} lists {len(layers[bad[0]])} slots but {than}; every layer needs "
+            "one expert per slot."
+        )
     updates = _int(top.get("layer_updates_per_iter", "0"), f"{source}: layer_updates_per_iter")
     try:
         placement = ModelPlacement.from_lists(rows, num_ranks=num_ranks)
@@ -203,9 +216,13 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
 def read_trtllm_yaml(path: str | Path, *, num_ranks: int) -> TrtllmConfig:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read {p}: {exc.strerror}; check the path.") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{p} is not a text YAML file ({exc}); write it as generate_eplb_config.py does."
+        ) from None
     return parse_trtllm_yaml(text, num_ranks=num_ranks, source=str(p))
 
 
@@ -255,8 +272,7 @@ def read_any_placement(
 ) -> ModelPlacement:
     """A placement from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed unless it is IR JSON."""
     p = Path(path)
-    if not p.is_file():
-        raise CliError(f"cannot read {p}: no such file; check the path.")
+    _need_file(p)
     fmt = format_of(p)
     if fmt == "ir" or fmt == "sglang":
         doc = read_json(p)
@@ -269,14 +285,15 @@ def read_any_placement(
     if fmt == "trtllm":
         return read_trtllm_yaml(p, num_ranks=ranks).placement
     if fmt == "npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CliError(f"{p} is not a .npy array ({exc}); save it with numpy.save.") from None
+        arr = np_load(p)
+        if not isinstance(arr, np.ndarray):
+            arr.close()
+            raise CliError(f"{p} is an .npz archive; save the [layers, slots] array with numpy.save.")
         if arr.ndim != 2 or arr.dtype.kind not in "iu":
-            raise CliError(
-                f"{p}: a placement array must be integer [layers, slots] (got {arr.dtype} {arr.shape})."
-            )
+            got = f"{arr.dtype} {arr.shape}"
+            raise CliError(f"{p}: a placement array must be integer [layers, slots] (got {got}).")
+        if num_logical_experts is None:
+            num_logical_experts = _expert_count(arr)
         try:
             return ModelPlacement.from_lists(
                 arr.tolist(), num_ranks=ranks, num_logical_experts=num_logical_experts
@@ -290,9 +307,26 @@ def read_any_placement(
             raise CliError(
                 f'{p}: not a placement; expected eplb IR JSON or {{"physical_to_logical_map": ...}}.'
             )
-        flat = np.asarray(rows.tolist() if hasattr(rows, "tolist") else rows)
-        num_logical_experts = int(flat.max()) + 1 if flat.size and flat.dtype.kind in "iu" else 1
+        ids = rows.tolist() if hasattr(rows, "tolist") else rows
+        flat = [v for row in ids if isinstance(row, list) for v in row] if isinstance(ids, list) else []
+        ints = [v for v in flat if isinstance(v, int) and not isinstance(v, bool)]
+        num_logical_experts = _expert_count(np.asarray(ints, dtype=np.int64))
     return read_placement(p, num_ranks=ranks, num_logical_experts=num_logical_experts)
+
+
+def _expert_count(ids: npt.NDArray[Any]) -> int:
+    """The expert count a file of expert ids implies (the largest id + 1; at least 1, so that a
+    negative id is reported as out of range rather than as an empty model)."""
+    if not ids.size or ids.dtype.kind not in "iu":
+        return 1
+    return max(int(ids.max()) + 1, 1)
+
+
+def _need_file(path: Path) -> None:
+    if path.is_dir():
+        raise CliError(f"cannot read {path}: it is a folder; name a file.")
+    if not path.is_file():
+        raise CliError(f"cannot read {path}: no such file; check the path.")
 
 
 def _need_ranks(path: Path, num_ranks: int | None) -> int:
@@ -316,19 +350,17 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
         raise CliError(
             f"{p}: unknown trace format {suffix or '(none)'!r}; use one of {', '.join(TRACE_SUFFIXES)}."
         )
-    if not p.is_file():
-        raise CliError(f"cannot read {p}: no such file; check the path.")
+    _need_file(p)
     data: Any
     if suffix in (".npy", ".npz"):
-        try:
-            data = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CliError(f"{p} is not a numpy file ({exc}); save it with numpy.save.") from None
-        if suffix == ".npz":
+        data = np_load(p)
+        if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 if "trace" not in data.files:
                     raise CliError(f"{p}: an .npz needs a 'trace' array (found {data.files[:5]}).")
                 data = data["trace"]
+        elif suffix == ".npz":
+            raise CliError(f"{p} is an .npy array, not an .npz archive; name it .npy.")
     elif suffix == ".pt":
         data = torch_load(p)
     else:
@@ -341,6 +373,7 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
                 f"{sorted(map(str, data))[:5]})."
             )
         data = data[key]
+    check_numeric(data, p)
     if type(data).__module__.startswith("torch"):
         data = data.detach().cpu().double().numpy()
     try:

@@ -1,29 +1,102 @@
-"""Helpers shared by the subcommands: errors, atomic writes."""
+"""Helpers shared by the subcommands: errors, checks of options and output paths, atomic writes."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
-from eplb.ir.errors import EplbError
+from eplb.ir.errors import EplbError, PlanError, SerdeError
 
 
 class CliError(EplbError):
     """Bad command-line input: the message names the problem and the fix (exit status 2)."""
 
 
+def first_problem(exc: SerdeError | PlanError) -> str:
+    """One line for a multi-line error: its first problem, and how many more there are."""
+    if isinstance(exc, PlanError):
+        found = [str(v) for v in exc.violations] or [exc.summary]
+    else:
+        found = [f"{path}: {rule}" for path, rule in exc.problems] or [str(exc)]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return found[0].rstrip(".?") + more
+
+
+def require_positive(option: str, value: float | None) -> None:
+    """``option`` (e.g. ``"--ranks"``) must be a finite number > 0 when given."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise CliError(f"{option} must be > 0 (got {value:g}).")
+
+
+def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Fail before any work if the file ``path`` cannot be written: a folder in its place, a
+    missing or read-only folder. Probes with a temporary file that is removed at once."""
+    if not os.fspath(path):
+        raise CliError(f"{option} is empty; name a file.")
+    target = Path(path)
+    if target.is_dir():
+        raise CliError(f"{option} {target} is a folder; name a file in it, e.g. {target / 'out.json'}.")
+    _check_folder(target.parent, target)
+    return target
+
+
+def check_writable_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Fail before any work if the folder ``path`` can neither be used nor created."""
+    if not os.fspath(path):
+        raise CliError(f"{option} is empty; name a folder.")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{option} {folder} is a file; name a folder (it is created if missing).")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{option} {folder}: {existing} is a file, not a folder; name another folder.")
+    _check_folder(existing, folder)
+    return folder
+
+
+def _missing_folder(folder: Path, target: Path) -> CliError:
+    if folder.exists():
+        return CliError(f"cannot write {target}: {folder} is a file, not a folder; name a file in a folder.")
+    return CliError(f"cannot write {target}: folder {folder} does not exist; create it first.")
+
+
+def _check_folder(folder: Path, target: Path) -> None:
+    if not folder.is_dir():
+        raise _missing_folder(folder, target)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eplb-probe.", suffix=".tmp")
+    except OSError as exc:
+        raise CliError(
+            f"cannot write {target}: folder {folder} is not writable ({exc.strerror}); choose another."
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` all at once: a failure leaves no partial file behind."""
     target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise CliError(f"cannot write {target}: folder {target.parent} does not exist; create it first.")
+    if target.is_dir():
+        raise CliError(f"cannot write {target}: it is a folder; name a file.")
+    folder = target.parent
+    if not folder.is_dir():
+        raise _missing_folder(folder, target)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
         os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise CliError(f"cannot write {target}: {exc.strerror}; choose a writable file.") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise

@@ -22,12 +22,11 @@ import queue
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import attrs
 
-from eplb.cli._common import CliError, write_atomic
+from eplb.cli._common import CliError, check_writable_folder, require_positive, write_atomic
 
 __all__ = ["execute_on_processes", "register", "run"]
 
@@ -96,13 +95,12 @@ class _Candidate:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; name a folder (it is created if missing).")
+    out = check_writable_folder(args.out)
     if args.exec_expert_bytes < 2:
         raise CliError(f"--exec-expert-bytes must be >= 2 (got {args.exec_expert_bytes}).")
-    if args.timeout <= 0:
-        raise CliError(f"--timeout must be > 0 (got {args.timeout:g}).")
+    require_positive("--timeout", args.timeout)
+    if args.no_execute and args.executor is not None:
+        raise CliError("--executor picks the backend of the execution that --no-execute skips; drop one.")
 
     from eplb.examples_data import load_example
     from eplb.interop import placement_bytes
@@ -113,10 +111,9 @@ def run(args: argparse.Namespace) -> int:
     ex = load_example()
     window = ex.num_windows - 1 if args.window is None else args.window
     if not 1 <= window < ex.num_windows:
-        raise CliError(
-            f"--window must be in [1, {ex.num_windows}) (got {window}); window 0 has no previous one."
-        )
-    if args.executor is not None and not args.no_execute:
+        why = "window 0 has no previous one" if window == 0 else f"the example has {ex.num_windows} windows"
+        raise CliError(f"--window must be in [1, {ex.num_windows}) (got {window}); {why}.")
+    if args.executor is not None:
         _check_executor(args.executor, ex.topology())
     topo = ex.topology()
     load = ex.trace[window]
@@ -203,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
     report["seconds"] = time.perf_counter() - t0
     files["report.json"] = (json.dumps(report, indent=1) + "\n").encode()
     # All work is done; only now touch the disk, each file atomically.
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create --out {out}: {exc.strerror}; name a writable folder.") from None
     for name, data in files.items():
         write_atomic(out / name, data)
     if args.json:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb.cli._common import CliError
+from eplb.cli._common import CliError, first_problem
 
 __all__ = ["diff_placements", "diff_schedules", "register", "run"]
 
@@ -56,6 +56,8 @@ def _read(path: str, num_ranks: int | None) -> tuple[str, Any]:
     from eplb.ir.serde import loads
 
     p = Path(path)
+    if p.is_dir():
+        raise CliError(f"cannot read {p}: it is a folder; name a placement, plan or schedule file.")
     if not p.is_file():
         raise CliError(f"cannot read {p}: no such file; check the path.")
     if p.suffix.lower() == ".json":
@@ -68,9 +70,8 @@ def _read(path: str, num_ranks: int | None) -> tuple[str, Any]:
             try:
                 value: Any = loads(p.read_bytes())
             except SerdeError as exc:
-                first = str(exc).splitlines()[0]
                 raise CliError(
-                    f"{p} is not a valid {kind} document: {first}; regenerate it with eplb plan."
+                    f"{p} is not a valid {kind} document: {first_problem(exc)}; regenerate it with eplb plan."
                 ) from None
             return ("schedule" if isinstance(value, Schedule) else "plan"), value
         if kind is not None and kind != "model_placement":

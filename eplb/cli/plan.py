@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError, write_atomic
+from eplb.cli._common import CliError, check_writable, first_problem, require_positive, write_atomic
 from eplb.formats import read_json
-from eplb.ir.errors import SerdeError
+from eplb.ir.errors import EplbError, PlanError, SerdeError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.schedule import ScheduleLimits
 from eplb.ir.serde import dumps, loads
 from eplb.ir.topology import Topology
 
 __all__ = ["register", "run"]
+
+# ScheduleLimits fields named in scheduler errors -> the options that set them.
+_LIMIT_OPTIONS = {
+    "staging_bytes_per_rank": "--staging-bytes",
+    "max_peers_per_round": "--max-peers",
+    "max_ops_per_group": "--max-ops",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -30,16 +36,16 @@ def register(subparsers: Any) -> None:
         description="Compile current -> target into ops, group them into rounds under the limits, "
         "and write the schedule as JSON.",
     )
-    p.add_argument("--current", required=True, help="placement JSON file, or 'trivial' (the seed's layout)")
+    p.add_argument("--current", required=True, help="placement file, or 'trivial' (the seed's layout)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--target", help="placement JSON file")
+    src.add_argument("--target", help="placement file (eplb IR JSON, SGLang, TensorRT-LLM YAML, .npy, .pt)")
     src.add_argument(
         "--load", help="load file [num_layers, num_logical_experts]; the target comes from --policy"
     )
     p.add_argument("--policy", help="policy name for --load (see eplb rebalance)")
     p.add_argument("--topology", help="topology JSON file (else --ranks / --nodes)")
     p.add_argument("--ranks", type=int, help="number of ranks (default: the larger placement's)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes, splitting ranks evenly (default 1)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes, splitting ranks evenly (default 1)")
     p.add_argument("--expert-bytes", type=int, required=True, help="bytes of one expert's weights")
     p.add_argument("--max-peers", type=int, help="peers per rank per round (default: by link class)")
     p.add_argument("--max-ops", type=int, default=256, help="transfer ops per rank per group (default 256)")
@@ -53,17 +59,21 @@ def run(args: argparse.Namespace) -> int:
     from eplb.planner.schedule import default_limits, schedule
     from eplb.planner.verify import verify
 
-    if args.expert_bytes <= 0:
-        raise CliError(f"--expert-bytes must be > 0 (got {args.expert_bytes}).")
+    for option in ("expert_bytes", "ranks", "nodes", "max_peers", "max_ops", "staging_bytes"):
+        require_positive("--" + option.replace("_", "-"), getattr(args, option))
+    if args.topology and (args.ranks is not None or args.nodes is not None):
+        raise CliError("--topology gives the ranks and nodes; drop --ranks / --nodes or drop --topology.")
+    if args.policy is not None and args.load is None:
+        raise CliError("--policy picks the target for --load; drop it, or pass --load instead of --target.")
+    check_writable(args.out)
     topology = _read_topology(args.topology) if args.topology else None
-    target = _read_placement(args.target, topology) if args.target else None
-    current = None if args.current == "trivial" else _read_placement(args.current, topology)
+    current, target = _read_placements(args, topology)
     shape = target or current
     if topology is None:
         if shape is None:
             raise CliError("--current trivial with --load needs --topology to know the slots per rank.")
         ranks = args.ranks or max(p.num_ranks for p in (current, target) if p is not None)
-        topology = Topology.uniform(ranks, shape.slots_per_rank, args.nodes)
+        topology = Topology.uniform(ranks, shape.slots_per_rank, args.nodes or 1)
     if target is None:
         target = _target_from_load(args, topology, current)
     if current is None:
@@ -73,7 +83,14 @@ def run(args: argparse.Namespace) -> int:
             num_physical_experts=target.num_physical_experts,
             num_ranks=target.num_ranks,
         )
-    plan = compile_plan(current, target, topology, args.expert_bytes)
+    try:
+        plan = compile_plan(current, target, topology, args.expert_bytes)
+    except EplbError as exc:
+        reason = str(exc).splitlines()[0].rstrip(".")
+        raise CliError(
+            f"cannot plan {args.current} -> {args.target or args.load}: {reason}; pass placements of one "
+            "model for one cluster."
+        ) from None
     base = default_limits(plan)
     limits = ScheduleLimits(
         max_peers_per_round=args.max_peers if args.max_peers is not None else base.max_peers_per_round,
@@ -82,8 +99,14 @@ def run(args: argparse.Namespace) -> int:
         if args.staging_bytes is not None
         else base.staging_bytes_per_rank,
     )
-    sched = schedule(plan, limits)
-    verify(sched)  # never write a plan that does not verify
+    try:
+        sched = schedule(plan, limits)
+        verify(sched)  # never write a plan that does not verify
+    except PlanError as exc:
+        reason = first_problem(exc)
+        for name, option in _LIMIT_OPTIONS.items():
+            reason = reason.replace(name, option)
+        raise CliError(f"cannot schedule the migration under these limits: {reason}.") from None
     write_atomic(args.out, dumps(sched))
     print(f"wrote {args.out}: {sched}")
     return 0
@@ -91,28 +114,60 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_topology(path: str) -> Topology:
     try:
-        return loads(Path(path).read_text(), Topology)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CliError(f"cannot read {path}: no such file.") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}; pass a topology JSON file.") from None
+    try:
+        return loads(data, Topology)
     except SerdeError as exc:
-        raise CliError(f"{path} is not a topology document: {exc}") from None
+        raise CliError(
+            f"{path} is not a topology document: {first_problem(exc)}; write it with eplb.ir.serde.dumps."
+        ) from None
 
 
-def _read_placement(path: str, topology: Topology | None) -> ModelPlacement:
-    """An IR ``model_placement`` document or a ``[layers][slots]`` JSON list."""
-    doc = read_json(Path(path)) if path.endswith(".json") else None
-    if isinstance(doc, dict):
-        try:
-            return loads(json.dumps(doc), ModelPlacement)
-        except SerdeError as exc:
-            raise CliError(f"{path} is not a placement document: {exc}") from None
-    if isinstance(doc, list):
-        if topology is None:
-            raise CliError(f"{path} is a bare list of slots: pass --topology so the rank count is known.")
-        slots = len(doc[0]) if doc and isinstance(doc[0], list) else 0
+def _read_placements(
+    args: argparse.Namespace, topology: Topology | None
+) -> tuple[ModelPlacement | None, ModelPlacement | None]:
+    """``(current, target)``; a file that does not record its rank count (SGLang, TensorRT-LLM,
+    .npy) takes it from --ranks, --topology or the other file."""
+    from eplb.interop import RanksNeededError
+
+    paths = [None if args.current == "trivial" else args.current, args.target]
+    ranks = args.ranks if args.ranks is not None else (topology.num_ranks if topology else None)
+    out: list[ModelPlacement | None] = [None, None]
+    pending: list[int] = []
+    for i, path in enumerate(paths):
+        if path is not None:
+            try:
+                out[i] = _read_placement(path, topology, ranks)
+            except RanksNeededError:
+                pending.append(i)
+    for i in pending:
+        known = next((p.num_ranks for p in out if p is not None), None)
+        if known is None:
+            raise CliError(
+                f"{paths[i]} does not record the rank count; pass --ranks (the EP size it was made for)."
+            )
+        out[i] = _read_placement(str(paths[i]), topology, known)
+    return out[0], out[1]
+
+
+def _read_placement(path: str, topology: Topology | None, num_ranks: int | None) -> ModelPlacement:
+    """Any placement file `eplb.interop.read_any_placement` reads, or a ``[layers][slots]`` JSON list."""
+    from eplb.interop import read_any_placement
+
+    doc = read_json(Path(path)) if path.lower().endswith(".json") else None
+    if not isinstance(doc, list):
+        return read_any_placement(path, num_ranks=num_ranks)
+    if topology is None:
+        raise CliError(f"{path} is a bare list of slots: pass --topology so the rank count is known.")
+    slots = len(doc[0]) if doc and isinstance(doc[0], list) else 0
+    try:
         return ModelPlacement.from_lists(doc, num_ranks=max(1, slots // topology.slots_per_rank))
-    # eplb.formats.read_placement needs the expert count, which a bare file does not carry.
-    raise CliError(f"cannot read {path}: use a JSON placement (eplb.ir.serde.dumps of a ModelPlacement).")
+    except (EplbError, TypeError) as exc:
+        raise CliError(f"{path}: bad list of slots: {str(exc).splitlines()[0]}") from None
 
 
 def _target_from_load(

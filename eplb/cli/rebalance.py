@@ -9,8 +9,9 @@ import argparse
 import sys
 from typing import Any
 
-from eplb.cli._common import CliError, write_atomic
-from eplb.formats import dump_placement, read_load, read_placement
+from eplb.cli._common import CliError, check_writable, require_positive, write_atomic
+from eplb.formats import dump_placement, read_load
+from eplb.interop import read_any_placement
 from eplb.planner.metrics import summarize
 from eplb.planner.policies import available_policies
 from eplb.planner.rebalance import make_topology, rebalance
@@ -47,7 +48,11 @@ def register(subparsers: Any) -> None:
         default=None,
         help="default: balanced, or migration_aware with --current",
     )
-    p.add_argument("--current", help="placement in force (IR JSON or SGLang JSON): plan few moves from it")
+    p.add_argument(
+        "--current",
+        help="placement in force (eplb IR JSON, SGLang, TensorRT-LLM YAML, .npy, .pt): plan few moves "
+        "from it",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -68,11 +73,20 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option in ("ranks", "slots", "nodes", "groups", "expert_bytes"):
+        require_positive("--" + option.replace("_", "-"), getattr(args, option))
+    check_writable(args.out)
     load = read_load(args.load)
     topology = make_topology(args.ranks, args.slots, args.nodes)
     current = None
     if args.current:
-        current = read_placement(args.current, num_ranks=args.ranks, num_logical_experts=load.shape[1])
+        current = read_any_placement(args.current, num_ranks=args.ranks, num_logical_experts=load.shape[1])
+        if (current.num_ranks, current.num_physical_experts) != (args.ranks, args.slots):
+            raise CliError(
+                f"--current {args.current} is a placement of {current.num_physical_experts} slots on "
+                f"{current.num_ranks} ranks, not --slots {args.slots} on --ranks {args.ranks}; pass the "
+                "placement in force on this cluster, or drop --current to plan from scratch."
+            )
     options: dict[str, Any] = {}
     policy = args.policy or ("balanced" if current is None else "migration_aware")
     if args.tolerance is not None:
@@ -86,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--global does not apply to deepseek (it decides by --groups % --nodes); drop it.")
         options["hierarchical"] = False
     target = rebalance(load, topology, num_groups=args.groups, current=current, policy=policy, **options)
-    write_atomic(args.out, dump_placement(target, args.format))
     m = summarize(load, target, current=current, expert_bytes=args.expert_bytes)
+    write_atomic(args.out, dump_placement(target, args.format))
     print(f"policy              {policy}")
     print(
         f"shape               {load.shape[0]} layers x {load.shape[1]} experts -> {args.slots} slots on "

@@ -15,11 +15,14 @@ import os
 import queue
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError
+from eplb.cli._common import CliError, first_problem, require_positive
 
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
+MAX_LOCAL_PROCS = 128
+"""The most processes ``eplb run`` starts on one machine (one per rank, each importing torch)."""
 
 
 def register(subparsers: Any) -> None:
@@ -48,14 +51,22 @@ def _load(args: argparse.Namespace) -> Any:
     import attrs
 
     from eplb.ir import MigrationPlan, Schedule, loads
+    from eplb.ir.errors import PlanError, SerdeError
     from eplb.planner.schedule import schedule
+    from eplb.planner.verify import verify
 
     try:
-        with open(args.plan, encoding="utf-8") as fh:
-            doc: Any = loads(fh.read())
+        data = Path(args.plan).read_bytes()
     except OSError as exc:
         raise CliError(
             f"cannot read {args.plan}: {exc.strerror}; pass a plan or schedule JSON file."
+        ) from None
+    try:
+        doc: Any = loads(data)
+    except SerdeError as exc:
+        raise CliError(
+            f"{args.plan} is not a plan or schedule document: {first_problem(exc)}; "
+            "regenerate it with eplb plan."
         ) from None
     if isinstance(doc, MigrationPlan):
         plan = doc
@@ -69,7 +80,36 @@ def _load(args: argparse.Namespace) -> Any:
             raise CliError(f"--expert-bytes must be positive (got {args.expert_bytes}).")
         plan = attrs.evolve(plan, expert_bytes=args.expert_bytes)
         sched = attrs.evolve(sched, plan=plan) if sched is not None else None
-    return sched if sched is not None else schedule(plan)
+    try:
+        sched = sched if sched is not None else schedule(plan)
+        verify(sched)  # before any process starts: a corrupted plan is bad input
+    except PlanError as exc:
+        raise CliError(
+            f"{args.plan} does not verify: {first_problem(exc)}; `eplb verify {args.plan}` lists every "
+            "violation."
+        ) from None
+    return sched
+
+
+def _check_size(sched: Any, args: argparse.Namespace, procs: int) -> None:
+    """Refuse runs this machine cannot hold: too many processes, or weights beyond its memory."""
+    topo = sched.plan.topology
+    if procs > MAX_LOCAL_PROCS:
+        raise CliError(
+            f"{args.plan} has {procs} ranks; eplb run starts one process per rank here, at most "
+            f"{MAX_LOCAL_PROCS}: run it under torchrun, or with --backend local (every rank in one process)."
+        )
+    need = sched.plan.num_layers * topo.num_physical_experts * sched.plan.expert_bytes
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not every platform reports it
+        return
+    if need > memory // 2:
+        raise CliError(
+            f"{args.plan}: its weights take {need / 1e9:.1f} GB ({sched.plan.num_layers} layers x "
+            f"{topo.num_physical_experts} slots x {sched.plan.expert_bytes} B), more than half of this "
+            f"machine's {memory / 1e9:.1f} GB; pass --expert-bytes 4096 to run it with small experts."
+        )
 
 
 def _layout(sched: Any, dtype_name: str) -> Any:
@@ -127,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.backend not in EXECUTORS:
         raise CliError(f"unknown backend {args.backend!r}; choose one of {', '.join(sorted(EXECUTORS))}.")
+    require_positive("--timeout", args.timeout)
     sched = _load(args)
     world = sched.plan.topology.num_ranks
     if args.nprocs is not None and args.nprocs != world:
@@ -135,9 +176,11 @@ def run(args: argparse.Namespace) -> int:
             f"use --nprocs {world} or leave it out."
         )
     if args.backend == "local":
+        _check_size(sched, args, 1)
         return _run_local(sched, args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_torchrun(sched, args)
+    _check_size(sched, args, world)
     return _run_spawned(sched, args, world)
 
 

@@ -13,12 +13,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eplb.cli._common import CliError, write_atomic
+from eplb.cli._common import CliError, check_writable, require_positive, write_atomic
 
 __all__ = ["register", "run", "simulate"]
 
@@ -148,9 +147,7 @@ def simulate(
 def _check_plot(path: str) -> None:
     if not path.lower().endswith(".png"):
         raise CliError(f"--plot {path}: name a .png file.")
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise CliError(f"--plot {path}: folder {parent} does not exist; create it first.")
+    check_writable(path, "--plot")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -163,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
     from eplb.interop import read_trace
     from eplb.planner.rebalance import make_topology
 
-    if args.every <= 0:
-        raise CliError(f"--every must be > 0 (got {args.every}).")
+    for option in ("every", "window_steps", "ranks", "slots", "nodes", "groups", "expert_bytes"):
+        require_positive("--" + option.replace("_", "-"), getattr(args, option))
     if args.plot:
         _check_plot(args.plot)  # before the work, so a missing matplotlib costs nothing
     policies = args.policies or ["balanced", "migration_aware"]
@@ -177,27 +174,32 @@ def run(args: argparse.Namespace) -> int:
         if args.window_steps != 1:
             raise CliError("--window-steps applies to --load; the example's windows are fixed.")
         trace = ex.trace
-        ranks = args.ranks or ex.num_ranks
-        slots = args.slots or ex.num_physical_experts
-        nodes = args.nodes or ex.num_nodes
-        groups = args.groups or ex.num_groups
-        expert_bytes = args.expert_bytes or ex.expert_bytes
+        ranks = ex.num_ranks if args.ranks is None else args.ranks
+        slots = ex.num_physical_experts if args.slots is None else args.slots
+        nodes = ex.num_nodes if args.nodes is None else args.nodes
+        groups = ex.num_groups if args.groups is None else args.groups
+        expert_bytes = ex.expert_bytes if args.expert_bytes is None else args.expert_bytes
     else:
         if args.ranks is None or args.slots is None:
             raise CliError(
                 "--load needs --ranks and --slots (the cluster to replay it on), e.g. --ranks 32 --slots 288."
             )
         trace = read_trace(args.load, window_steps=args.window_steps)
-        ranks, slots, nodes = args.ranks, args.slots, args.nodes or 1
-        groups = args.groups or 1
-        expert_bytes = args.expert_bytes or 44_100_000
-    if expert_bytes <= 0:
-        raise CliError(f"--expert-bytes must be > 0 (got {expert_bytes}).")
+        ranks, slots = args.ranks, args.slots
+        nodes = 1 if args.nodes is None else args.nodes
+        groups = 1 if args.groups is None else args.groups
+        expert_bytes = 44_100_000 if args.expert_bytes is None else args.expert_bytes
     topology = make_topology(ranks, slots, nodes)
     if trace.shape[2] > slots:
         raise CliError(
             f"the trace has {trace.shape[2]} experts but --slots is {slots}; every expert needs a "
             f"slot: use --slots >= {trace.shape[2]}."
+        )
+    if trace.shape[2] % groups:
+        fits = [g for g in range(1, trace.shape[2] + 1) if trace.shape[2] % g == 0][:8]
+        raise CliError(
+            f"--groups {groups} must divide the trace's {trace.shape[2]} experts; use one of {fits} "
+            "(the model's n_group), or 1."
         )
     if trace.shape[0] <= args.every:
         raise CliError(

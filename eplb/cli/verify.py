@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError
+from eplb.cli._common import CliError, first_problem
 from eplb.ir.errors import PlanError, SerdeError
 from eplb.ir.schedule import Schedule
 from eplb.ir.serde import loads
@@ -28,11 +28,17 @@ def register(subparsers: Any) -> None:
 
 def read_schedule(path: str) -> Schedule:
     try:
-        return loads(Path(path).read_bytes(), Schedule)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CliError(f"cannot read {path}: no such file.") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}; pass a schedule `eplb plan` wrote.") from None
+    try:
+        return loads(data, Schedule)
     except SerdeError as exc:
-        raise CliError(f"{path} is not a schedule document: {exc}") from None
+        raise CliError(
+            f"{path} is not a schedule document: {first_problem(exc)}; pass a schedule `eplb plan` wrote."
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
