@@ -363,7 +363,7 @@ CASES: dict[str, tuple[Build, str]] = {
     ),
     "run_corrupted": (
         lambda d: ["run", _put(d, "c.json", _sched_doc(lambda x: x.update(rounds=[])))],
-        r"c.json does not verify: .*wrong expert.*\(and \d+ more\); `eplb verify .*c.json` lists every",
+        r"c.json does not verify: .*in no round.*\(and \d+ more\); `eplb verify .*c.json` lists every",
     ),
     "run_timeout_0": (lambda d: ["run", sched(d), "--timeout", "0"], r"--timeout must be > 0 \(got 0\)"),
     "run_timeout_nan": (

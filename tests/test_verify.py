@@ -82,14 +82,14 @@ def test_swapped_rounds_read_after_overwrite() -> None:
     plan = compile_plan(cur, tgt, topo, 10)
     first = Round(
         transfers=[
-            Send(layer=0, transfer_id=0, src_rank=0, dst_rank=1, src=Loc.slot(0), expert=0),
-            Recv(layer=0, transfer_id=0, src_rank=0, dst_rank=1, dst=Loc.slot(1), expert=0),
+            Send(layer=0, transfer_id=1, src_rank=0, dst_rank=1, src=Loc.slot(0), expert=0),
+            Recv(layer=0, transfer_id=1, src_rank=0, dst_rank=1, dst=Loc.slot(1), expert=0),
         ]
     )
-    second = Round(
+    second = Round(  # the plan's transfer #0, received straight into s0 instead of via b0
         transfers=[
-            Send(layer=0, transfer_id=1, src_rank=1, dst_rank=0, src=Loc.slot(0), expert=2),
-            Recv(layer=0, transfer_id=1, src_rank=1, dst_rank=0, dst=Loc.slot(0), expert=2),
+            Send(layer=0, transfer_id=0, src_rank=1, dst_rank=0, src=Loc.slot(0), expert=2),
+            Recv(layer=0, transfer_id=0, src_rank=1, dst_rank=0, dst=Loc.slot(0), expert=2),
         ]
     )
     good = Schedule(plan=plan, rounds=[first, second], rounds_lower_bound=1)
@@ -222,3 +222,19 @@ def test_joining_rank_starts_empty() -> None:
         PlanError, match=r"reads e1 from s0 but s0 is empty \(never written, or the rank joins"
     ):
         verify(bad)
+
+
+def test_rounds_must_run_exactly_the_plans_transfers() -> None:
+    # The rounds still reach the target, but the plan a reviewer reads (and `inspect` counts) lost
+    # a transfer: the schedule is refused.
+    s = swap_schedule()
+    send = next(op for op in s.plan.ops() if isinstance(op, Send))
+    lp = s.plan.layers[0]
+    kept = [op for op in lp.ops if getattr(op, "transfer_id", None) != send.transfer_id]
+    plan = attrs.evolve(s.plan, layers=[attrs.evolve(lp, ops=kept)])
+    with pytest.raises(
+        PlanError,
+        match=rf"transfer #{send.transfer_id} \(r{send.src_rank} -> r{send.dst_rank}, "
+        rf"e{send.expert}\) is in the plan 0 time\(s\) and in round\(s\) \[\d+\]",
+    ):
+        verify(attrs.evolve(s, plan=plan))

@@ -13,7 +13,8 @@ All violations are collected and raised as one `PlanError`.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 
 from eplb.ir.errors import PlanError, Violation
 from eplb.ir.ops import Copy, Loc, Recv, Send
@@ -281,6 +282,8 @@ def verify(schedule: Schedule) -> None:
 
         run_copies(rnd.after, k)
 
+    out.extend(_transfers_not_in_plan(schedule))
+
     for layer, placement in enumerate(plan.target.layers):
         for p, e in enumerate(placement.physical_to_logical):
             rank, slot = divmod(p, s_per)
@@ -298,3 +301,31 @@ def verify(schedule: Schedule) -> None:
                 )
     if out:
         raise PlanError("schedule does not verify", out)
+
+
+def _transfers_not_in_plan(schedule: Schedule) -> Iterator[Violation]:
+    """The rounds must run exactly the plan's transfers (``inspect`` reports the plan's figures,
+    and a reviewer reads the plan): each Send once, same layer, id, ranks and expert."""
+
+    def key(op: Send) -> tuple[int, int, int, int, int]:
+        return (op.layer, op.transfer_id, op.src_rank, op.dst_rank, op.expert)
+
+    planned = Counter(key(op) for op in schedule.plan.ops() if isinstance(op, Send))
+    rounds_of: dict[tuple[int, int, int, int, int], list[int]] = defaultdict(list)
+    for k, rnd in enumerate(schedule.rounds):
+        for op in rnd.transfers:
+            if isinstance(op, Send):
+                rounds_of[key(op)].append(k)
+    for t in sorted(planned.keys() | rounds_of.keys()):
+        n_plan, ks = planned.get(t, 0), rounds_of.get(t, [])
+        if n_plan == len(ks):
+            continue
+        layer, tid, a, b, e = t
+        where = f"round(s) {ks}" if ks else "no round"
+        yield Violation(
+            what=f"transfer #{tid} (r{a} -> r{b}, e{e}) is in the plan {n_plan} time(s) and in {where}",
+            fix="schedule the plan again (eplb plan) rather than editing rounds or plan by hand",
+            layer=layer,
+            round=ks[0] if ks else None,
+            rank=a,
+        )
