@@ -15,10 +15,8 @@ builds an `EplbState` over synthetic expert weights and runs real rearrangements
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_planner import machine
 from eplb.ir import ModelPlacement, Topology
 from eplb.planner import metrics
 from eplb.planner.compile import compile_plan
@@ -202,13 +201,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/bench_runtime.json")
     args = ap.parse_args()
+    info = machine()  # date and load average at the start
     result = gpu_main(args) if args.gpu else cpu_main(args)
-    result["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "args": vars(args),
-    }
+    info["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if "torch" in sys.modules:  # the GPU flow imports it; the CPU flow does not
+        info["torch"] = sys.modules["torch"].__version__
+    info["args"] = vars(args)
+    result["machine"] = info
+    result["command"] = " ".join(sys.argv)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

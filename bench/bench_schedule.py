@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -218,6 +219,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_schedule.json"))
     args = p.parse_args()
+    info = machine()  # date and load average at the start
+    print(f"machine: {info}")
     shapes, drifts = (["v3"], ["sigma=0.05"]) if args.quick else (args.shapes, list(DRIFTS))
     print(HEADER)
     rows = [r for shape in shapes for r in run_shape(shape, drifts, args)]
@@ -232,7 +235,11 @@ def main() -> int:
             (r["seconds_total"] for r in rows if r["shape"] == "v3" and r["case"] != "random"), default=0.0
         ),
     }
-    doc = {"machine": machine(), "command": " ".join(sys.argv), "ratios": ratios, "rows": rows}
+    info["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if "torch" in sys.modules:  # not used by the planner; recorded if something imported it
+        info["torch"] = sys.modules["torch"].__version__
+    print(f"load average at end: {info['load_average_1_5_15_at_end']}")
+    doc = {"machine": info, "command": " ".join(sys.argv), "ratios": ratios, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
