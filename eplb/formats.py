@@ -20,13 +20,12 @@ import numpy.typing as npt
 from eplb.cli._common import CliError
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
-from eplb.ir.serde import dumps, loads
+from eplb.ir.serde import loads
 from eplb.planner.load import as_load_matrix
 
 __all__ = [
     "LOAD_SUFFIXES",
     "check_numeric",
-    "dump_placement",
     "np_load",
     "read_json",
     "read_load",
@@ -110,9 +109,15 @@ def check_numeric(data: Any, path: Path) -> None:
         raise CliError(f"{path}: the load holds {name} values; save token counts as integers or floats.")
 
 
-def read_load(path: str | Path) -> npt.NDArray[np.float64]:
-    """``[num_layers, num_logical_experts]`` float64 from a ``.json``, ``.npy`` or ``.pt`` file."""
+def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float64]:
+    """``[num_layers, num_logical_experts]`` float64 from a ``.json``, ``.npy`` or ``.pt`` file.
+
+    ``first_layer``: the file has a row per model layer (SGLang's dumps: 61 for DeepSeek-V3) and
+    the MoE layers start at this one; the rows before it (dense layers) are dropped.
+    """
     p = Path(path)
+    if first_layer < 0:
+        raise CliError(f"--first-layer must be >= 0 (got {first_layer}).")
     suffix = p.suffix.lower()
     if suffix not in LOAD_SUFFIXES:
         raise CliError(
@@ -149,9 +154,15 @@ def read_load(path: str | Path) -> npt.NDArray[np.float64]:
                 )
     check_numeric(data, p)
     try:
-        return as_load_matrix(data)
+        load = as_load_matrix(data)
     except EplbError as exc:
         raise CliError(f"{p}: {exc}") from None
+    if first_layer >= load.shape[0]:
+        raise CliError(
+            f"{p} has {load.shape[0]} layer rows, not more than --first-layer {first_layer}; pass the "
+            "model layer index of the first MoE layer (3 for DeepSeek-V3), or 0 for MoE layers only."
+        )
+    return load[first_layer:]
 
 
 def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int) -> ModelPlacement:
@@ -192,12 +203,3 @@ def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int
         f'{p}: not a placement; expected eplb IR JSON ("type": "model_placement") or SGLang\'s '
         '{"physical_to_logical_map": [[...], ...]}.'
     )
-
-
-def dump_placement(placement: ModelPlacement, fmt: str = "ir") -> str:
-    """The text of a placement file: ``ir`` (eplb IR JSON) or ``sglang``."""
-    if fmt == "ir":
-        return dumps(placement)
-    if fmt == "sglang":
-        return json.dumps({"physical_to_logical_map": placement.to_lists()}) + "\n"
-    raise CliError(f"unknown placement format {fmt!r}; use 'ir' or 'sglang'.")

@@ -4,7 +4,9 @@ Placements (``physical_to_logical [layers, slots]``, slots rank-major as every e
 
 - ``ir``: eplb's JSON (`eplb.ir.serde`), the only one that records the rank count;
 - ``sglang``: ``{"physical_to_logical_map": [[...], ...]}``, what SGLang's
-  ``--init-expert-location`` reads (``.json``; ``.pt`` holds the same key as a tensor);
+  ``--init-expert-location`` reads (``.json``; ``.pt`` holds the same key as a tensor). SGLang has
+  one row per model layer (``num_hidden_layers``: 61 for DeepSeek-V3, whose first 3 are dense), so
+  writing with ``first_layer=k`` puts k trivial rows first and reading with it drops them;
 - ``trtllm``: TensorRT-LLM's load-balancer YAML (``moe_config.load_balancer``): ``num_slots``,
   ``initial_global_assignments`` (model layer index -> the expert of every slot) and
   ``layer_updates_per_iter``. Layer keys are the model's layer indices (DeepSeek-V3's MoE layers
@@ -248,11 +250,18 @@ def format_of(path: str | Path) -> str:
 
 
 def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0) -> bytes:
-    """The file content of ``placement`` in ``fmt`` (see `PLACEMENT_FORMATS`)."""
+    """The file content of ``placement`` in ``fmt`` (see `PLACEMENT_FORMATS`). ``first_layer``:
+    the model layer index of MoE layer 0, for the formats keyed by model layer (sglang, trtllm)."""
     if fmt == "ir":
         return dumps(placement).encode()
+    if first_layer < 0:
+        raise CliError(f"first_layer must be >= 0 (got {first_layer}).")
     if fmt == "sglang":
-        return (json.dumps({"physical_to_logical_map": placement.to_lists()}) + "\n").encode()
+        rows = placement.to_lists()
+        # SGLang's own trivial map for the dense layers (init_trivial: slot p holds p % experts).
+        dense = [p % placement.num_logical_experts for p in range(placement.num_physical_experts)]
+        doc = {"physical_to_logical_map": [dense] * first_layer + rows}
+        return (json.dumps(doc) + "\n").encode()
     if fmt == "trtllm":
         return dump_trtllm_yaml(placement, first_layer=first_layer).encode()
     buf = io.BytesIO()
@@ -268,10 +277,36 @@ def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0
 
 
 def read_any_placement(
-    path: str | Path, *, num_ranks: int | None = None, num_logical_experts: int | None = None
+    path: str | Path,
+    *,
+    num_ranks: int | None = None,
+    num_logical_experts: int | None = None,
+    first_layer: int = 0,
 ) -> ModelPlacement:
-    """A placement from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed unless it is IR JSON."""
-    p = Path(path)
+    """A placement from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed unless it is IR JSON.
+
+    ``first_layer``: SGLang maps (``.sglang.json``, ``.pt``) have a row per model layer; the first
+    ``first_layer`` (dense) rows are dropped. TensorRT-LLM's YAML names its layers, so it needs none.
+    """
+    placement = _read_any_placement(Path(path), num_ranks, num_logical_experts)
+    if first_layer < 0:
+        raise CliError(f"--first-layer must be >= 0 (got {first_layer}).")
+    if not first_layer or format_of(path) not in ("sglang", "pt"):
+        return placement
+    if placement.num_layers <= first_layer:
+        raise CliError(
+            f"{path} has {placement.num_layers} layer rows, not more than --first-layer {first_layer}; "
+            "pass the model layer index of the first MoE layer (3 for DeepSeek-V3)."
+        )
+    return ModelPlacement.from_lists(
+        placement.to_lists()[first_layer:],
+        num_ranks=placement.num_ranks,
+        num_logical_experts=placement.num_logical_experts,
+    )
+
+
+def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: int | None) -> ModelPlacement:
+    p = path
     _need_file(p)
     fmt = format_of(p)
     if fmt == "ir" or fmt == "sglang":

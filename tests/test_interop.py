@@ -112,6 +112,39 @@ def test_placement_without_rank_count_needs_ranks(tmp_path: Path) -> None:
         read_any_placement(tmp_path / "p.txt")
 
 
+@given(placement=model_placements(), first_layer=st.integers(0, 4))
+def test_sglang_map_has_a_row_per_model_layer(placement: ModelPlacement, first_layer: int) -> None:
+    import json
+    import tempfile
+
+    doc = json.loads(placement_bytes(placement, "sglang", first_layer=first_layer))
+    rows = doc["physical_to_logical_map"]
+    assert len(rows) == first_layer + placement.num_layers
+    # Dense layers get SGLang's trivial row; the MoE layers follow in order.
+    trivial = [p % placement.num_logical_experts for p in range(placement.num_physical_experts)]
+    assert rows[:first_layer] == [trivial] * first_layer
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.sglang.json"
+        path.write_text(json.dumps(doc))
+        back = read_any_placement(
+            path,
+            num_ranks=placement.num_ranks,
+            num_logical_experts=placement.num_logical_experts,
+            first_layer=first_layer,
+        )
+    assert back == placement
+
+
+def test_first_layer_beyond_the_rows_is_refused(tmp_path: Path) -> None:
+    placement = ModelPlacement.trivial(
+        num_layers=2, num_logical_experts=4, num_physical_experts=6, num_ranks=2
+    )
+    path = tmp_path / "p.sglang.json"
+    path.write_bytes(placement_bytes(placement, "sglang"))
+    with pytest.raises(CliError, match=r"has 2 layer rows, not more than --first-layer 2; pass the model"):
+        read_any_placement(path, num_ranks=2, first_layer=2)
+
+
 @pytest.mark.parametrize(("fmt", "suffix"), [("npy", ".npy"), ("json", ".json"), ("sglang", ".pt")])
 def test_trace_files_round_trip(tmp_path: Path, fmt: str, suffix: str) -> None:
     trace = np.arange(4 * 2 * 3, dtype=np.float64).reshape(4, 2, 3)

@@ -168,3 +168,22 @@ def test_bad_current_files(tmp_path: Path) -> None:
     with pytest.raises(EplbError, match=r"'current.num_layers' is 1 but the load has 2"):
         run("--load", str(load), *SHAPE, "--current", str(tmp_path / "layers.json"), "--out", str(out))
     assert not out.exists()
+
+
+def test_sglang_round_trip_with_dense_layers(tmp_path: Path) -> None:
+    # An SGLang dump and map have a row per model layer; here 2 dense layers, then the 2 MoE layers.
+    import torch
+
+    steps = np.zeros((3, 4, 12))
+    steps[:, 2:] = np.array(README_LOAD) / 3
+    dump = tmp_path / "dump.pt"
+    torch.save({"logical_count": torch.from_numpy(steps)}, dump)
+    first = tmp_path / "first.sglang.json"
+    args = ("--load", str(dump), *SHAPE, "--first-layer", "2", "--format", "sglang")
+    assert run(*args, "--policy", "deepseek", "--out", str(first)) == 0
+    rows = json.loads(first.read_text())["physical_to_logical_map"]
+    assert len(rows) == 4 and rows[2:] == README_P2L
+    # The map in force goes back in as --current; unchanged load moves nothing.
+    again = tmp_path / "again.sglang.json"
+    assert run(*args, "--current", str(first), "--out", str(again)) == 0
+    assert json.loads(again.read_text()) == json.loads(first.read_text())

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "plan_balanced.json": dumps(schedules["balanced"]).encode(),
         "current.json": placement_bytes(current, "ir"),
         "target.json": placement_bytes(targets[chosen], "ir"),
-        "target.sglang.json": placement_bytes(targets[chosen], "sglang"),
+        "target.sglang.json": placement_bytes(targets[chosen], "sglang", first_layer=ex.first_layer),
         "target.trtllm.yaml": placement_bytes(targets[chosen], "trtllm", first_layer=ex.first_layer),
     }
     report["files"] = sorted([*files, "report.json"])

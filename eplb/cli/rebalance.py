@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from eplb.cli._common import CliError, check_writable, require_positive, write_atomic
-from eplb.formats import dump_placement, read_load
-from eplb.interop import read_any_placement
+from eplb.formats import read_load
+from eplb.interop import PLACEMENT_FORMATS, placement_bytes, read_any_placement
 from eplb.planner.metrics import summarize
 from eplb.planner.policies import available_policies
 from eplb.planner.rebalance import make_topology, rebalance
@@ -67,7 +67,21 @@ def register(subparsers: Any) -> None:
         help="balanced/migration_aware: ignore the node hierarchy (better balance)",
     )
     p.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert, to print bytes moved")
-    p.add_argument("--format", choices=("ir", "sglang"), default="ir", help="output file format (default ir)")
+    p.add_argument(
+        "--format",
+        choices=PLACEMENT_FORMATS,
+        default="ir",
+        help="output file format (default ir): sglang for --init-expert-location, trtllm for "
+        "TensorRT-LLM's load-balancer YAML",
+    )
+    p.add_argument(
+        "--first-layer",
+        type=int,
+        default=0,
+        help="model layer index of the first MoE layer (3 for DeepSeek-V3; default 0), for files "
+        "with a row per model layer: an SGLang dump as --load and SGLang maps as --current lose "
+        "that many leading rows, and sglang/trtllm output is numbered by model layer",
+    )
     p.add_argument("--out", required=True, help="output placement file")
     p.set_defaults(func=run)
 
@@ -76,11 +90,18 @@ def run(args: argparse.Namespace) -> int:
     for option in ("ranks", "slots", "nodes", "groups", "expert_bytes"):
         require_positive("--" + option.replace("_", "-"), getattr(args, option))
     check_writable(args.out)
-    load = read_load(args.load)
+    if args.first_layer < 0:
+        raise CliError(f"--first-layer must be >= 0 (got {args.first_layer}).")
+    load = read_load(args.load, first_layer=args.first_layer)
     topology = make_topology(args.ranks, args.slots, args.nodes)
     current = None
     if args.current:
-        current = read_any_placement(args.current, num_ranks=args.ranks, num_logical_experts=load.shape[1])
+        current = read_any_placement(
+            args.current,
+            num_ranks=args.ranks,
+            num_logical_experts=load.shape[1],
+            first_layer=args.first_layer,
+        )
         if (current.num_ranks, current.num_physical_experts) != (args.ranks, args.slots):
             raise CliError(
                 f"--current {args.current} is a placement of {current.num_physical_experts} slots on "
@@ -101,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         options["hierarchical"] = False
     target = rebalance(load, topology, num_groups=args.groups, current=current, policy=policy, **options)
     m = summarize(load, target, current=current, expert_bytes=args.expert_bytes)
-    write_atomic(args.out, dump_placement(target, args.format))
+    write_atomic(args.out, placement_bytes(target, args.format, first_layer=args.first_layer))
     print(f"policy              {policy}")
     print(
         f"shape               {load.shape[0]} layers x {load.shape[1]} experts -> {args.slots} slots on "
