@@ -5,7 +5,7 @@ each drift (lognormal noise of sigma 1%, 5%, 20%, and 10% of experts trading pop
 from the plan in force: ``deepseek`` and ``balanced`` plan from scratch, ``migration_aware`` edits
 the ``balanced`` plan made before the drift. Reports slots that must receive new weights.
 
-Synthetic load (no public per-expert trace exists) is calibrated to the skew DESIGN.md quotes for
+Synthetic load (no public per-expert trace exists) is calibrated to the skew published for
 DeepSeek-R1 on 32 GB200s: hottest expert ~12x the mean. Each layer draws its own load.
 
     python bench/bench_planner.py                 # all shapes, ~2-4 minutes on 2 cores
@@ -46,7 +46,7 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 DRIFTS = ("sigma=0.01", "sigma=0.05", "sigma=0.20", "trade=10%")
 DEFAULT_TOLERANCE = 0.005  # migration_aware's default
-HOT_OVER_MEAN = 12.0  # DESIGN.md: hottest expert ~12x the mean (DeepSeek-R1, TensorRT-LLM)
+HOT_OVER_MEAN = 12.0  # hottest expert ~12x the mean (DeepSeek-R1, TensorRT-LLM)
 
 
 def _zipf_exponent(num_e: int, target: float) -> float:

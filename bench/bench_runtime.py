@@ -36,7 +36,7 @@ from eplb.planner.verify import verify
 
 
 def skewed_load(num_layers: int, num_experts: int, seed: int) -> np.ndarray[Any, Any]:
-    """Zipf-like per-layer loads, hottest expert ~12x the mean (DESIGN.md's calibration)."""
+    """Zipf-like per-layer loads, hottest expert ~12x the mean (TensorRT-LLM's DeepSeek-R1 figure)."""
     rng = np.random.default_rng(seed)
     ranks = np.argsort(rng.random((num_layers, num_experts)), axis=1) + 1
     return 1000.0 / ranks**0.9 + rng.uniform(0, 5, size=(num_layers, num_experts))

@@ -188,7 +188,7 @@ _META: dict[str, Any] = {
     "num_nodes": 4,
     "slots_per_rank": 9,
     "num_groups": NUM_GROUPS,
-    "expert_bytes": 44_100_000,  # DeepSeek-V3 fp8 expert with block scales (DESIGN.md)
+    "expert_bytes": 44_100_000,  # DeepSeek-V3 fp8 expert: 3 x 7168 x 2048 B + block scales
     "first_layer": FIRST_LAYER,
     "gpu": "H200",
     "source": f"eplb.examples_data.generate_trace(seed={SEED})",
@@ -209,7 +209,7 @@ def write_example(folder: Path) -> list[Path]:
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description="Regenerate or describe the built-in example.")
-    parser.add_argument("--write", action="store_true", help="regenerate eplb/data/ from the seed")
+    parser.add_argument("--write", action="store_true", help="regenerate eplb/data/ from its random seed")
     args = parser.parse_args()
     if args.write:
         for path in write_example(Path(__file__).parent / "data"):

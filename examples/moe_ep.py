@@ -90,7 +90,7 @@ class ExpertParallelMoE(torch.nn.Module):
     """This rank's share of the model: the router (replicated) and its slots' expert weights.
 
     Satisfies `eplb.runtime.model.EplbAwareModel`; ``placement`` is what the slots hold at
-    start (default: the seed's trivial placement).
+    start (default: the trivial placement).
     """
 
     def __init__(

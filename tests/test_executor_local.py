@@ -154,3 +154,13 @@ def test_select_prefers_p2p_on_one_nvlink_node_and_explains_refusals() -> None:
     ):
         select_executor(one, "nccl")
     assert set(EXECUTORS) == {"local", "p2p", "alltoall", "cpu_staged"}
+
+
+def test_p2p_caps_transfers_per_group_by_tensor_count() -> None:
+    # One NCCL call per tensor per transfer, at most 256 calls per group (pytorch#174288).
+    from eplb.executors import CpuStagedExecutor, LocalExecutor, P2PExecutor
+
+    assert P2PExecutor().max_transfers_per_group(4) == 64
+    assert P2PExecutor().max_transfers_per_group(300) == 1
+    assert LocalExecutor().max_transfers_per_group(4) is None
+    assert CpuStagedExecutor().max_transfers_per_group(4) is None

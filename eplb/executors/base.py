@@ -280,6 +280,11 @@ class Executor(abc.ABC):
     def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
         """None if this backend can run on ``topology`` with weights on ``device_type``; else why not."""
 
+    def max_transfers_per_group(self, tensors_per_expert: int) -> int | None:
+        """The most transfers a rank may post in one round on this backend (None: no limit of
+        its own); schedules for it should use at most this ``max_ops_per_group``."""
+        return None
+
     # --- the run loop ------------------------------------------------------------------------
     def run(
         self,

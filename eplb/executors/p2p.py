@@ -55,6 +55,11 @@ class P2PExecutor(Executor):
             )
         return None
 
+    def max_transfers_per_group(self, tensors_per_expert: int) -> int | None:
+        # Every transfer is one NCCL call per weight tensor, and NCCL groups of more than 256
+        # calls can hang (pytorch#174288).
+        return max(1, 256 // max(1, tensors_per_expert))
+
     def begin_transfers(self, ctx: RunContext) -> None:
         ctx.state["ops"] = []
         if "global" not in ctx.state:

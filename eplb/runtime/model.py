@@ -1,6 +1,6 @@
 """What the runtime needs from a model: its MoE shape and its expert weights (no engine imports).
 
-This is the seed's ``MixtureOfExperts`` interface reduced to what `EplbState` reads. An engine's
+This is vLLM's ``MixtureOfExperts`` interface reduced to what `EplbState` reads. An engine's
 model satisfies it structurally (a `typing.Protocol`), so vLLM, SGLang or a test model need no
 base class and eplb needs no engine import.
 """
@@ -50,7 +50,7 @@ class MoEModel(Protocol):
 
 @runtime_checkable
 class EplbAwareModel(MoEModel, Protocol):
-    """A model that wants the state's tensors handed over once (the seed's ``set_eplb_state``).
+    """A model that wants the state's tensors handed over once (vLLM's ``set_eplb_state``).
 
     The tensors are ``expert_load_pass: [num_moe_layers, num_local_physical_experts]``,
     ``logical_to_physical_map: [num_moe_layers, num_logical_experts, max_replicas]`` and

@@ -2,7 +2,7 @@
 
 The router of an MoE layer picks logical experts; an EP engine must send each pick to one
 physical slot holding that expert. With ``logical_to_physical: [num_logical_experts,
-max_replicas]`` (-1 padded) and ``replica_count: [num_logical_experts]`` (the seed's maps, one
+max_replicas]`` (-1 padded) and ``replica_count: [num_logical_experts]`` (vLLM's maps, one
 layer's row), token ``t``'s pick of expert ``e`` goes to replica ``(t + token_offset) %
 replica_count[e]``: deterministic (every rank that routes the same tokens makes the same choice,
 so exactly one rank computes each pick) and even over replicas for a batch of many tokens.

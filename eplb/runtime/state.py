@@ -1,6 +1,6 @@
 """`EplbState`: the object an inference engine holds to record load and rebalance experts.
 
-It descends from vLLM's ``EplbState`` (``shared/seed/eplb_state_reference.txt``) and keeps its
+It descends from vLLM's ``EplbState`` (``vllm/distributed/eplb/eplb_state.py``) and keeps its
 behaviour and shapes, framework-agnostic:
 
 - maps, updated in place with ``copy_`` (storage never replaced, so CUDA graphs stay valid):
@@ -10,8 +10,8 @@ behaviour and shapes, framework-agnostic:
   (the engine's kernels, or `eplb.runtime.routing.record_load`, add to it);
 - a sliding window of ``window_size`` passes, kept per *logical* expert (``[W, L, E]`` int32) so
   the load of a pass stays right when a layer's placement changes under it;
-- a step interval, the first rearrangement at 3/4 of it; dummy steps advance the interval (every
-  rank must reach the collectives together) but record no load.
+- a step interval whose counter starts at 3/4 (the first rearrangement after a quarter); dummy
+  steps advance the interval (every rank must reach the collectives together) but record no load.
 
 Call order on every rank of the expert-parallel group::
 
@@ -52,11 +52,13 @@ from eplb.executors.base import ExecutionError, Executor
 from eplb.executors.select import select_executor
 from eplb.ir.errors import EplbError, InvalidValueError
 from eplb.ir.placement import ModelPlacement, Placement
+from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Schedule, ScheduleLimits
 from eplb.ir.topology import Topology
 from eplb.planner import metrics
 from eplb.planner.compile import compile_plan
 from eplb.planner.rebalance import rebalance
+from eplb.planner.schedule import default_limits
 from eplb.planner.schedule import schedule as schedule_plan
 from eplb.planner.verify import verify
 from eplb.runtime.model import EplbAwareModel, MoEModel, check_model, expert_bytes
@@ -119,7 +121,8 @@ class RuntimeConfig:
     """How the state records load and when and how it rebalances.
 
     ``window_size``: passes in the sliding window (vLLM's ``eplb_window_size``).
-    ``step_interval``: steps between rearrangements; the first comes at 3/4 of it.
+    ``step_interval``: steps between rearrangements; the counter starts at 3/4 of it (as vLLM's),
+    so the first comes after a quarter of the interval.
     ``policy``: a registered policy name; None is ``migration_aware`` (the current placement is
     always known here). ``policy_options`` go to it.
     ``layers_per_chunk``: layers per executor run (one vote and one backup each); None means 1
@@ -226,7 +229,7 @@ class _Pending:
 class EplbState:
     """Load recording and expert rearrangement for one rank; see the module docstring.
 
-    Build with `EplbState.build`. Tensors are public, as in the seed, so an engine can hand them
+    Build with `EplbState.build`. Tensors are public, as in vLLM, so an engine can hand them
     to its kernels; their storage never changes after `build`.
     """
 
@@ -260,7 +263,7 @@ class EplbState:
             (config.window_size, num_l, num_e), dtype=torch.int32, device=device
         )
         self.expert_load_window_step = 0
-        # The seed starts at 3/4 of the interval so the first rearrangement comes early.
+        # vLLM starts the counter at 3/4 of the interval so the first rearrangement comes early.
         self.expert_rearrangement_step = max(0, config.step_interval - config.step_interval // 4)
         self._status = [LayerStatus.STABLE] * num_l
         self._pending: _Pending | None = None
@@ -298,8 +301,8 @@ class EplbState:
         small collectives (load, votes, stats); by default a gloo group over the same ranks is
         made here (a collective call: every rank must call `build`), so a transfer that times out
         on ``group`` cannot take the votes down with it. ``initial`` is the placement the weights
-        hold now (default: the seed's trivial one). Hands the tensors to ``model.set_eplb_state``
-        when the model has it.
+        hold now (default: the trivial one, slot p holds expert p % experts). Hands the tensors to
+        ``model.set_eplb_state`` when the model has it.
         """
         world = 1 if group is None else dist.get_world_size(group)
         rank = 0 if group is None else dist.get_rank(group)
@@ -425,7 +428,7 @@ class EplbState:
     def balancedness(self) -> dict[str, float]:
         """This pass's ``avg_tokens`` and ``max_tokens`` across ranks and their ratio (a collective).
 
-        Per rank, tokens are summed over layers and local slots, as the seed logs them.
+        Per rank, tokens are summed over layers and local slots, as vLLM logs them.
         """
         per_layer = self.expert_load_pass.sum(dim=-1).to("cpu", torch.float64)  # [L]
         if self.control_group is not None:
@@ -591,12 +594,12 @@ class EplbState:
         weights = [list(self.model.expert_weights[i]) for i in chunk]
         with _phase(report, "compile"):
             plan = compile_plan(cur, tgt, self.topology, expert_bytes(self.model))
-        with _phase(report, "schedule"):
-            sched = schedule_plan(plan, self.config.limits)
-        with _phase(report, "verify"):
-            verify(sched)
         with _phase(report, "select"):
             executor = self.executor()
+        with _phase(report, "schedule"):
+            sched = schedule_plan(plan, self._limits(plan, executor, len(weights[0])))
+        with _phase(report, "verify"):
+            verify(sched)
         backup: list[_Backup] | None = None
         if self.config.rollback:
             with _phase(report, "backup"):
@@ -688,6 +691,14 @@ class EplbState:
         layers = list(self._placement.layers)
         layers[layer] = placement
         self._placement = ModelPlacement(layers=layers)
+
+    def _limits(self, plan: MigrationPlan, executor: Executor, tensors_per_expert: int) -> ScheduleLimits:
+        """The configured (or default) round limits, within what ``executor`` can post in a group."""
+        limits = self.config.limits or default_limits(plan)
+        cap = executor.max_transfers_per_group(tensors_per_expert)
+        if cap is not None and limits.max_ops_per_group > cap:
+            limits = attrs.evolve(limits, max_ops_per_group=cap)
+        return limits
 
     def executor(self) -> Executor:
         """The executor this state runs (chosen once: `RuntimeConfig.executor`, else the topology's)."""
