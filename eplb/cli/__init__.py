@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`eplb inspect plan.json | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CliError, EplbError) as exc:
         lines = str(exc).splitlines() or [type(exc).__name__]
         print(f"eplb {args.command}: error: {lines[0]}", file=sys.stderr)

@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
         description="Compile current -> target into ops, group them into rounds under the limits, "
         "and write the schedule as JSON.",
     )
-    p.add_argument("--current", required=True, help="placement file, or 'trivial' (slot p holds expert p %% experts)")
+    p.add_argument(
+        "--current", required=True, help="placement file, or 'trivial' (slot p holds expert p %% experts)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--target", help="placement file (eplb IR JSON, SGLang, TensorRT-LLM YAML, .npy, .pt)")
     src.add_argument(
