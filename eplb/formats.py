@@ -3,7 +3,7 @@
 Load: ``.json`` (``[[...], ...]`` or ``{"load": [[...], ...]}``), ``.npy``, or ``.pt`` (a tensor,
 or an SGLang expert-distribution dump ``{"logical_count": [steps, layers, experts], ...}``, summed
 over steps). Placements: IR JSON (`eplb.ir.serde`) or SGLang's ``{"physical_to_logical_map":
-[[...], ...]}``, the file ``--init-expert-location`` reads. Every problem raises `CliError` with
+[[...], ...]}``, the file ``--init-expert-location`` reads. Every problem raises `InputError` with
 one line naming the file, the problem and the fix.
 """
 
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eplb.cli._common import CliError
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import loads
@@ -25,6 +24,7 @@ from eplb.planner.load import as_load_matrix
 
 __all__ = [
     "LOAD_SUFFIXES",
+    "InputError",
     "check_numeric",
     "np_load",
     "read_json",
@@ -33,6 +33,12 @@ __all__ = [
     "torch_load",
 ]
 
+
+class InputError(EplbError, ValueError):
+    """A file or option a user gave cannot be used: the message names the problem and the fix
+    (the CLI prints it as one line and exits with status 2)."""
+
+
 LOAD_SUFFIXES = (".json", ".npy", ".pt")
 
 
@@ -40,9 +46,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}; check the path.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path} is not valid JSON ({exc}); write it with json.dump.") from None
+        raise InputError(f"{path} is not valid JSON ({exc}); write it with json.dump.") from None
 
 
 def torch_load(path: Path) -> Any:
@@ -53,13 +59,13 @@ def torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CliError(f"cannot read {path}: no such file; check the path.") from None
+        raise InputError(f"cannot read {path}: no such file; check the path.") from None
     except OSError as exc:
         if not exc.strerror:  # torch's own "not a zip file" errors carry no errno
-            raise CliError(f"{path} is not a torch file ({exc}); save it with torch.save.") from None
-        raise CliError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+            raise InputError(f"{path} is not a torch file ({exc}); save it with torch.save.") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}; check the path.") from None
     except Exception as exc:  # torch raises many kinds (pickle, zip, unsupported global)
-        raise CliError(
+        raise InputError(
             f"{path} is not a torch file eplb can load safely (torch.load with weights_only=True: "
             f"{_torch_reason(exc)}); save a plain tensor or dict of tensors with torch.save."
         ) from None
@@ -77,21 +83,21 @@ def _torch_reason(exc: Exception) -> str:
 
 
 def np_load(path: Path) -> Any:
-    """``numpy.load`` of a ``.npy`` / ``.npz`` without pickles; every failure is a `CliError`."""
+    """``numpy.load`` of a ``.npy`` / ``.npz`` without pickles; every failure is a `InputError`."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(6)
     except FileNotFoundError:
-        raise CliError(f"cannot read {path}: no such file; check the path.") from None
+        raise InputError(f"cannot read {path}: no such file; check the path.") from None
     except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}; check the path.") from None
     if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
         what = "empty" if not head else "not a numpy file (no .npy or .npz header)"
-        raise CliError(f"{path} is {what}; save it with numpy.save.")
+        raise InputError(f"{path} is {what}; save it with numpy.save.")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise CliError(f"{path} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
+        raise InputError(f"{path} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
 
 
 def check_numeric(data: Any, path: Path) -> None:
@@ -106,7 +112,7 @@ def check_numeric(data: Any, path: Path) -> None:
         else not (name == "bool" or name.startswith("complex"))
     )
     if not numeric:
-        raise CliError(f"{path}: the load holds {name} values; save token counts as integers or floats.")
+        raise InputError(f"{path}: the load holds {name} values; save token counts as integers or floats.")
 
 
 def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float64]:
@@ -117,10 +123,10 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
     """
     p = Path(path)
     if first_layer < 0:
-        raise CliError(f"--first-layer must be >= 0 (got {first_layer}).")
+        raise InputError(f"--first-layer must be >= 0 (got {first_layer}).")
     suffix = p.suffix.lower()
     if suffix not in LOAD_SUFFIXES:
-        raise CliError(
+        raise InputError(
             f"{p}: unknown load format {suffix or '(none)'!r}; use one of {', '.join(LOAD_SUFFIXES)}."
         )
     data: Any
@@ -128,7 +134,7 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
         data = read_json(p)
         if isinstance(data, dict):
             if "load" not in data:
-                raise CliError(
+                raise InputError(
                     f"{p}: a JSON object needs a 'load' key (found {sorted(data)[:5]}); "
                     'write {"load": [[...], ...]}.'
                 )
@@ -137,7 +143,7 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
         data = np_load(p)
         if not isinstance(data, np.ndarray):
             data.close()
-            raise CliError(f"{p} is an .npz archive, not an .npy array; save the load with numpy.save.")
+            raise InputError(f"{p} is an .npz archive, not an .npy array; save the load with numpy.save.")
     else:
         data = torch_load(p)
         if isinstance(data, dict):
@@ -148,7 +154,7 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
             elif "load" in data:
                 data = data["load"]
             else:
-                raise CliError(
+                raise InputError(
                     f"{p}: a dict needs 'logical_count' (SGLang dump) or 'load' (found "
                     f"{sorted(map(str, data))[:5]}); save the load tensor itself."
                 )
@@ -156,9 +162,9 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
     try:
         load = as_load_matrix(data)
     except EplbError as exc:
-        raise CliError(f"{p}: {exc}") from None
+        raise InputError(f"{p}: {exc}") from None
     if first_layer >= load.shape[0]:
-        raise CliError(
+        raise InputError(
             f"{p} has {load.shape[0]} layer rows, not more than --first-layer {first_layer}; pass the "
             "model layer index of the first MoE layer (3 for DeepSeek-V3), or 0 for MoE layers only."
         )
@@ -178,13 +184,13 @@ def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int
         if hasattr(rows, "tolist"):
             rows = rows.tolist()
         if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
-            raise CliError(
+            raise InputError(
                 f"{p}: physical_to_logical_map must be [layers][slots] expert ids, a list of lists "
                 f"(got {type(rows).__name__} {str(rows)[:40]}); write one list of expert ids per layer."
             )
         ragged = next((i for i, row in enumerate(rows) if len(row) != len(rows[0])), None)
         if ragged is not None:
-            raise CliError(
+            raise InputError(
                 f"{p}: physical_to_logical_map layer {ragged} lists {len(rows[ragged])} slots but layer 0 "
                 f"lists {len(rows[0])}; every layer needs one expert per slot."
             )
@@ -193,13 +199,13 @@ def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int
                 rows, num_ranks=num_ranks, num_logical_experts=num_logical_experts
             )
         except (EplbError, TypeError) as exc:
-            raise CliError(f"{p}: bad physical_to_logical_map: {exc}") from None
+            raise InputError(f"{p}: bad physical_to_logical_map: {exc}") from None
     if isinstance(doc, dict) and doc.get("type") == "model_placement":
         try:
             return loads(json.dumps(doc), ModelPlacement)
         except EplbError as exc:
-            raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
-    raise CliError(
+            raise InputError(f"{p}: {str(exc).splitlines()[0]}") from None
+    raise InputError(
         f'{p}: not a placement; expected eplb IR JSON ("type": "model_placement") or SGLang\'s '
         '{"physical_to_logical_map": [[...], ...]}.'
     )

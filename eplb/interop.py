@@ -35,8 +35,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from eplb.cli._common import CliError
-from eplb.formats import check_numeric, np_load, read_json, read_placement, torch_load
+from eplb.formats import InputError, check_numeric, np_load, read_json, read_placement, torch_load
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
@@ -62,7 +61,7 @@ TRACE_SUFFIXES = (".npy", ".npz", ".pt", ".json")
 F64 = npt.NDArray[np.float64]
 
 
-class RanksNeededError(CliError):
+class RanksNeededError(InputError):
     """A placement file does not record its rank count and none was given."""
 
 
@@ -89,7 +88,7 @@ def dump_trtllm_yaml(
     ``layer_updates_per_iter``: 0 keeps the placement static (offline EPLB).
     """
     if first_layer < 0 or layer_updates_per_iter < 0:
-        raise CliError(
+        raise InputError(
             f"first_layer ({first_layer}) and layer_updates_per_iter ({layer_updates_per_iter}) must be >= 0."
         )
     lines = ["initial_global_assignments:"]
@@ -108,13 +107,13 @@ def _int(text: str, where: str) -> int:
     try:
         return int(text.strip())
     except ValueError:
-        raise CliError(f"{where}: expected an integer, got {text.strip()!r}.") from None
+        raise InputError(f"{where}: expected an integer, got {text.strip()!r}.") from None
 
 
 def _flow_list(text: str, where: str) -> list[int]:
     body = text.strip()
     if not (body.startswith("[") and body.endswith("]")):
-        raise CliError(f"{where}: expected a list like [3, 1, 4], got {body[:40]!r}.")
+        raise InputError(f"{where}: expected a list like [3, 1, 4], got {body[:40]!r}.")
     inner = body[1:-1].strip()
     return [_int(v, where) for v in inner.split(",")] if inner else []
 
@@ -132,18 +131,18 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
         if not line.strip() or line.strip() in ("---", "..."):
             continue
         if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-            raise CliError(f"{where}: tabs in indentation are not YAML; indent with spaces.")
+            raise InputError(f"{where}: tabs in indentation are not YAML; indent with spaces.")
         item = _ITEM.match(line)
         if item:
             if section != "initial_global_assignments" or current_layer is None:
-                raise CliError(
+                raise InputError(
                     f"{where}: a '- value' list item outside a layer of initial_global_assignments."
                 )
             layers[current_layer].append(_int(item.group(2), where))
             continue
         m = _KEY.match(line)
         if not m:
-            raise CliError(
+            raise InputError(
                 f"{where}: {line.strip()[:40]!r} is outside the YAML subset eplb reads (key: value, "
                 "layer: [ids]); write it as TensorRT-LLM's generate_eplb_config.py does."
             )
@@ -152,58 +151,60 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
             section, current_layer = key, None
             if key == "initial_global_assignments":
                 if value and value != "{}":
-                    raise CliError(
+                    raise InputError(
                         f"{where}: initial_global_assignments must be a block mapping 'layer: [ids]'."
                     )
             elif value:
                 top[key] = value
             else:
-                raise CliError(
+                raise InputError(
                     f"{where}: key {key!r} has no value; eplb reads only num_slots, "
                     "initial_global_assignments and layer_updates_per_iter."
                 )
             continue
         if section != "initial_global_assignments":
-            raise CliError(f"{where}: unexpected indented key {key!r} under {section!r}.")
+            raise InputError(f"{where}: unexpected indented key {key!r} under {section!r}.")
         if layer_indent is None:
             layer_indent = indent
         elif indent != layer_indent:
-            raise CliError(
+            raise InputError(
                 f"{where}: layer {key} is indented {indent} spaces, the layers above {layer_indent}; "
                 "indent every layer of initial_global_assignments alike."
             )
         layer = _int(key, where)
         if layer < 0:
-            raise CliError(f"{where}: layer {layer} is negative; keys are the model's layer indices (>= 0).")
+            raise InputError(
+                f"{where}: layer {layer} is negative; keys are the model's layer indices (>= 0)."
+            )
         if layer in layers:
-            raise CliError(f"{where}: layer {layer} appears twice; keep one entry per layer.")
+            raise InputError(f"{where}: layer {layer} appears twice; keep one entry per layer.")
         layers[layer] = _flow_list(value, where) if value else []
         current_layer = layer
     if not layers:
-        raise CliError(
+        raise InputError(
             f"{source}: no initial_global_assignments; it must map each MoE layer to its slots' experts."
         )
     unknown = sorted(set(top) - {"num_slots", "layer_updates_per_iter"})
     if unknown:
-        raise CliError(
+        raise InputError(
             f"{source}: unknown key(s) {unknown}; eplb reads num_slots, initial_global_assignments, "
             "layer_updates_per_iter."
         )
     keys = sorted(layers)
     if keys != list(range(keys[0], keys[0] + len(keys))):
         missing = sorted(set(range(keys[0], keys[-1] + 1)) - set(keys))
-        raise CliError(
+        raise InputError(
             f"{source}: layers must be consecutive; missing {missing[:8]}. Give every MoE layer a row."
         )
     rows = [layers[k] for k in keys]
     empty = next((k for k in keys if not layers[k]), None)
     if empty is not None:
-        raise CliError(f"{source}: layer {empty} lists no slots; give it one expert id per slot.")
+        raise InputError(f"{source}: layer {empty} lists no slots; give it one expert id per slot.")
     num_slots = _int(top["num_slots"], f"{source}: num_slots") if "num_slots" in top else len(rows[0])
     bad = [k for k, r in zip(keys, rows, strict=True) if len(r) != num_slots]
     if bad:
         than = f"num_slots is {num_slots}" if "num_slots" in top else f"layer {keys[0]} lists {num_slots}"
-        raise CliError(
+        raise InputError(
             f"{source}: layer {bad[0]} lists {len(layers[bad[0]])} slots but {than}; every layer needs "
             "one expert per slot."
         )
@@ -211,7 +212,7 @@ def parse_trtllm_yaml(text: str, *, num_ranks: int, source: str = "<yaml>") -> T
     try:
         placement = ModelPlacement.from_lists(rows, num_ranks=num_ranks)
     except EplbError as exc:
-        raise CliError(f"{source}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{source}: {str(exc).splitlines()[0]}") from None
     return TrtllmConfig(placement=placement, first_layer=keys[0], layer_updates_per_iter=updates)
 
 
@@ -220,9 +221,9 @@ def read_trtllm_yaml(path: str | Path, *, num_ranks: int) -> TrtllmConfig:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot read {p}: {exc.strerror}; check the path.") from None
+        raise InputError(f"cannot read {p}: {exc.strerror}; check the path.") from None
     except UnicodeDecodeError as exc:
-        raise CliError(
+        raise InputError(
             f"{p} is not a text YAML file ({exc}); write it as generate_eplb_config.py does."
         ) from None
     return parse_trtllm_yaml(text, num_ranks=num_ranks, source=str(p))
@@ -243,7 +244,7 @@ def format_of(path: str | Path) -> str:
         return "sglang"
     if name.endswith(".json"):
         return "ir"
-    raise CliError(
+    raise InputError(
         f"{path}: unknown placement file type; use .json (eplb IR), .sglang.json, .yaml "
         "(TensorRT-LLM), .npy or .pt."
     )
@@ -255,7 +256,7 @@ def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0
     if fmt == "ir":
         return dumps(placement).encode()
     if first_layer < 0:
-        raise CliError(f"first_layer must be >= 0 (got {first_layer}).")
+        raise InputError(f"first_layer must be >= 0 (got {first_layer}).")
     if fmt == "sglang":
         rows = placement.to_lists()
         # SGLang's own trivial map for the dense layers (init_trivial: slot p holds p % experts).
@@ -272,7 +273,7 @@ def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0
 
         torch.save({"physical_to_logical_map": torch.from_numpy(placement.to_numpy())}, buf)
     else:
-        raise CliError(f"unknown placement format {fmt!r}; use one of {', '.join(PLACEMENT_FORMATS)}.")
+        raise InputError(f"unknown placement format {fmt!r}; use one of {', '.join(PLACEMENT_FORMATS)}.")
     return buf.getvalue()
 
 
@@ -290,11 +291,11 @@ def read_any_placement(
     """
     placement = _read_any_placement(Path(path), num_ranks, num_logical_experts)
     if first_layer < 0:
-        raise CliError(f"--first-layer must be >= 0 (got {first_layer}).")
+        raise InputError(f"--first-layer must be >= 0 (got {first_layer}).")
     if not first_layer or format_of(path) not in ("sglang", "pt"):
         return placement
     if placement.num_layers <= first_layer:
-        raise CliError(
+        raise InputError(
             f"{path} has {placement.num_layers} layer rows, not more than --first-layer {first_layer}; "
             "pass the model layer index of the first MoE layer (3 for DeepSeek-V3)."
         )
@@ -315,7 +316,7 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
             try:
                 return loads(json.dumps(doc), ModelPlacement)
             except EplbError as exc:
-                raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
+                raise InputError(f"{p}: {str(exc).splitlines()[0]}") from None
     ranks = _need_ranks(p, num_ranks)
     if fmt == "trtllm":
         return read_trtllm_yaml(p, num_ranks=ranks).placement
@@ -323,10 +324,10 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
         arr = np_load(p)
         if not isinstance(arr, np.ndarray):
             arr.close()
-            raise CliError(f"{p} is an .npz archive; save the [layers, slots] array with numpy.save.")
+            raise InputError(f"{p} is an .npz archive; save the [layers, slots] array with numpy.save.")
         if arr.ndim != 2 or arr.dtype.kind not in "iu":
             got = f"{arr.dtype} {arr.shape}"
-            raise CliError(f"{p}: a placement array must be integer [layers, slots] (got {got}).")
+            raise InputError(f"{p}: a placement array must be integer [layers, slots] (got {got}).")
         if num_logical_experts is None:
             num_logical_experts = _expert_count(arr)
         try:
@@ -334,12 +335,12 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
                 arr.tolist(), num_ranks=ranks, num_logical_experts=num_logical_experts
             )
         except EplbError as exc:
-            raise CliError(f"{p}: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"{p}: {str(exc).splitlines()[0]}") from None
     if num_logical_experts is None:
         doc = read_json(p) if fmt != "pt" else torch_load(p)
         rows = doc.get("physical_to_logical_map") if isinstance(doc, dict) else None
         if rows is None:
-            raise CliError(
+            raise InputError(
                 f'{p}: not a placement; expected eplb IR JSON or {{"physical_to_logical_map": ...}}.'
             )
         ids = rows.tolist() if hasattr(rows, "tolist") else rows
@@ -359,9 +360,9 @@ def _expert_count(ids: npt.NDArray[Any]) -> int:
 
 def _need_file(path: Path) -> None:
     if path.is_dir():
-        raise CliError(f"cannot read {path}: it is a folder; name a file.")
+        raise InputError(f"cannot read {path}: it is a folder; name a file.")
     if not path.is_file():
-        raise CliError(f"cannot read {path}: no such file; check the path.")
+        raise InputError(f"cannot read {path}: no such file; check the path.")
 
 
 def _need_ranks(path: Path, num_ranks: int | None) -> int:
@@ -370,7 +371,7 @@ def _need_ranks(path: Path, num_ranks: int | None) -> int:
             f"{path} does not record the rank count; pass --ranks (the EP size it was made for)."
         )
     if num_ranks <= 0:
-        raise CliError(f"--ranks must be > 0 (got {num_ranks}).")
+        raise InputError(f"--ranks must be > 0 (got {num_ranks}).")
     return num_ranks
 
 
@@ -379,10 +380,10 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
     """``[windows, layers, experts]`` float64 load; ``window_steps`` consecutive steps per window."""
     p = Path(path)
     if window_steps <= 0:
-        raise CliError(f"--window-steps must be > 0 (got {window_steps}).")
+        raise InputError(f"--window-steps must be > 0 (got {window_steps}).")
     suffix = p.suffix.lower()
     if suffix not in TRACE_SUFFIXES:
-        raise CliError(
+        raise InputError(
             f"{p}: unknown trace format {suffix or '(none)'!r}; use one of {', '.join(TRACE_SUFFIXES)}."
         )
     _need_file(p)
@@ -392,10 +393,10 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 if "trace" not in data.files:
-                    raise CliError(f"{p}: an .npz needs a 'trace' array (found {data.files[:5]}).")
+                    raise InputError(f"{p}: an .npz needs a 'trace' array (found {data.files[:5]}).")
                 data = data["trace"]
         elif suffix == ".npz":
-            raise CliError(f"{p} is an .npy array, not an .npz archive; name it .npy.")
+            raise InputError(f"{p} is an .npy array, not an .npz archive; name it .npy.")
     elif suffix == ".pt":
         data = torch_load(p)
     else:
@@ -403,7 +404,7 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
     if isinstance(data, dict):
         key = next((k for k in ("logical_count", "trace") if k in data), None)
         if key is None:
-            raise CliError(
+            raise InputError(
                 f"{p}: a mapping needs 'logical_count' (SGLang dump) or 'trace' (found "
                 f"{sorted(map(str, data))[:5]})."
             )
@@ -414,19 +415,19 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
     try:
         arr = np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise CliError(f"{p}: not a rectangular array of numbers ({exc}).") from None
+        raise InputError(f"{p}: not a rectangular array of numbers ({exc}).") from None
     if arr.ndim != 3:
         fix = (
             "stack the windows as [windows, layers, experts]"
             if arr.ndim == 2
             else "save [windows, layers, experts]"
         )
-        raise CliError(
+        raise InputError(
             f"{p}: a trace has 3 dimensions [windows, layers, experts] (got shape {arr.shape}); {fix}."
         )
     windows = arr.shape[0] // window_steps
     if windows == 0:
-        raise CliError(
+        raise InputError(
             f"{p}: {arr.shape[0]} steps make no full window of {window_steps}; lower --window-steps."
         )
     steps = arr[: windows * window_steps].reshape(windows, window_steps, *arr.shape[1:])
@@ -435,7 +436,7 @@ def read_trace(path: str | Path, *, window_steps: int = 1) -> F64:
         try:
             as_load_matrix(arr[w], name=f"trace[{w}]")
         except EplbError as exc:
-            raise CliError(f"{p}: {exc}") from None
+            raise InputError(f"{p}: {exc}") from None
     return arr
 
 
@@ -444,7 +445,7 @@ def trace_bytes(trace: Any, fmt: str) -> bytes:
     ``{"logical_count": int tensor [steps, layers, experts]}``)."""
     arr = np.asarray(trace)
     if arr.ndim != 3:
-        raise CliError(f"a trace must be [windows, layers, experts] (got shape {arr.shape}).")
+        raise InputError(f"a trace must be [windows, layers, experts] (got shape {arr.shape}).")
     if fmt == "json":
         return (json.dumps({"trace": arr.tolist()}) + "\n").encode()
     buf = io.BytesIO()
@@ -455,5 +456,5 @@ def trace_bytes(trace: Any, fmt: str) -> bytes:
 
         torch.save({"logical_count": torch.from_numpy(np.rint(arr).astype(np.int64))}, buf)
     else:
-        raise CliError(f"unknown trace format {fmt!r}; use npy, json or sglang.")
+        raise InputError(f"unknown trace format {fmt!r}; use npy, json or sglang.")
     return buf.getvalue()

@@ -7,11 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from eplb.ir.errors import EplbError, PlanError, SerdeError
+from eplb.formats import InputError
+from eplb.ir.errors import PlanError, SerdeError
 
-
-class CliError(EplbError):
-    """Bad command-line input: the message names the problem and the fix (exit status 2)."""
+# Bad command-line input: the message names the problem and the fix (exit status 2). One class
+# with the file-format errors of eplb.formats, which the CLI reports the same way.
+CliError = InputError
 
 
 def first_problem(exc: SerdeError | PlanError) -> str:

@@ -47,8 +47,9 @@ class Bandwidth:
         return self.intra_node_gbps
 
 
-# Defaults from measurements on 4x H200 over NVLink (2026-11-28, before this repository): all-peer groups reach ~306-327
-# GB/s per GPU per direction; pinned host<->device 22-55 GB/s. Inter-node: one 400 Gb/s NIC per GPU.
+# Defaults from measurements on 4x H200 over NVLink (2026-11-28, before this repository): all-peer
+# groups reach ~306-327 GB/s per GPU per direction; pinned host<->device 22-55 GB/s (54.6 measured
+# in docs/gpu_runs.md). Inter-node: one 400 Gb/s NIC per GPU.
 H200_NVLINK = Bandwidth(intra_node_gbps=300.0, inter_node_gbps=45.0, host_device_gbps=25.0)
 
 
