@@ -267,3 +267,46 @@ def test_schedule_checks_staging_pool_and_sections() -> None:
 @given(migration_plans())
 def test_repr_is_valid_python(plan: MigrationPlan) -> None:
     assert eval(repr(plan), vars(ir)) == plan
+
+
+# --- the planner's private fast construction -------------------------------------------------------
+@given(plan=migration_plans())
+def test_trusted_ops_equal_validated_ones(plan: ir.MigrationPlan) -> None:
+    for op in plan.ops():
+        fields = {a.name: getattr(op, a.name) for a in type(op).__attrs_attrs__}
+        fast = type(op)._trusted(**fields)
+        assert fast == op and hash(fast) == hash(op) and repr(fast) == repr(op)
+
+
+@given(plan=migration_plans(), data=st.data())
+def test_ops_fit_agrees_with_op_problems(plan: ir.MigrationPlan, data: st.DataObject) -> None:
+    from eplb.ir.plan import op_problems, ops_fit
+
+    # A smaller topology or expert count puts some ops out of range.
+    topo = plan.topology
+    smaller = Topology.uniform(
+        data.draw(st.integers(1, topo.num_ranks)), data.draw(st.integers(1, topo.slots_per_rank))
+    )
+    num_e = data.draw(st.integers(1, plan.target.num_logical_experts))
+    num_buffers = data.draw(st.none() | st.integers(0, 4))
+    ops = list(plan.ops())
+    expected = not any(next(op_problems(op, smaller, num_e, num_buffers), None) for op in ops)
+    assert ops_fit(ops, smaller, num_e, num_buffers, range(plan.num_layers)) == expected
+
+
+def test_trusted_mode_ends_with_its_plan() -> None:
+    from eplb.ir._validate import ops_trusted
+    from eplb.planner.compile import compile_plan
+
+    topo = Topology.uniform(2, 2)
+    cur = ModelPlacement.from_lists([[0, 1, 2, 3]], num_ranks=2)
+    compile_plan(cur, ModelPlacement.from_lists([[3, 1, 2, 0]], num_ranks=2), topo, 10)
+    assert not ops_trusted()
+    # So a plan a user builds afterwards is checked op by op again.
+    bad = ir.Send(layer=0, transfer_id=0, src_rank=0, dst_rank=5, src=ir.Loc.slot(0), expert=0)
+    with pytest.raises(
+        InvalidValueError, match=r"'layers\[0\]\.ops\[0\]\.dst_rank' must be in \[0, 2\) \(got 5\)"
+    ):
+        ir.MigrationPlan(
+            topology=topo, expert_bytes=10, current=cur, target=cur, layers=[ir.LayerPlan(layer=0, ops=[bad])]
+        )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from eplb.ir.errors import InvalidValueError
@@ -59,3 +61,24 @@ def int_tuple(values: Iterable[Any]) -> tuple[int, ...]:
         except TypeError:
             raise InvalidValueError("", f"expected a sequence of ints (got element {v!r}).") from None
     return tuple(out)
+
+
+# Set while the planner builds a `MigrationPlan` or `Schedule` from ops it derived from validated
+# placements, topology and plan (`MigrationPlan._trusted`, `Schedule._trusted`): their ranks,
+# slots, experts and buffers are in range by construction, so the per-op range scan (~1e5 ops at
+# DeepSeek-V3) is skipped. A context variable, not a global switch: other threads and tasks
+# building values at the same time still check everything.
+_OPS_TRUSTED: ContextVar[bool] = ContextVar("eplb_ops_trusted", default=False)
+
+
+def ops_trusted() -> bool:
+    return _OPS_TRUSTED.get()
+
+
+@contextmanager
+def trusting_ops() -> Iterator[None]:
+    token = _OPS_TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _OPS_TRUSTED.reset(token)

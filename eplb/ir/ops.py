@@ -13,7 +13,7 @@ its `Recv` share ``(layer, transfer_id)``.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 
@@ -90,6 +90,22 @@ class Send:
     src: Loc
     expert: int = attrs.field(validator=non_negative)
 
+    @classmethod
+    def _trusted(
+        cls, layer: int, transfer_id: int, src_rank: int, dst_rank: int, src: Loc, expert: int
+    ) -> Send:
+        """Private: a Send the planner derived from validated values, built without validators
+        (see "private fast construction" at the end of this module)."""
+        op = _new(cls)
+        set_layer, set_tid, set_src_rank, set_dst_rank, set_src, set_expert = _SEND_SETTERS
+        set_layer(op, layer)
+        set_tid(op, transfer_id)
+        set_src_rank(op, src_rank)
+        set_dst_rank(op, dst_rank)
+        set_src(op, src)
+        set_expert(op, expert)
+        return op
+
     @property
     def rank(self) -> int:
         """The rank that executes this op."""
@@ -117,6 +133,22 @@ class Recv:
     dst_rank: int = attrs.field(validator=_other_rank)
     dst: Loc
     expert: int = attrs.field(validator=non_negative)
+
+    @classmethod
+    def _trusted(
+        cls, layer: int, transfer_id: int, src_rank: int, dst_rank: int, dst: Loc, expert: int
+    ) -> Recv:
+        """Private: a Recv the planner derived from validated values, built without validators
+        (see "private fast construction" at the end of this module)."""
+        op = _new(cls)
+        set_layer, set_tid, set_src_rank, set_dst_rank, set_dst, set_expert = _RECV_SETTERS
+        set_layer(op, layer)
+        set_tid(op, transfer_id)
+        set_src_rank(op, src_rank)
+        set_dst_rank(op, dst_rank)
+        set_dst(op, dst)
+        set_expert(op, expert)
+        return op
 
     @property
     def rank(self) -> int:
@@ -149,9 +181,45 @@ class Copy:
     dst: Loc = attrs.field(validator=_other_loc)
     expert: int = attrs.field(validator=non_negative)
 
+    @classmethod
+    def _trusted(cls, layer: int, rank: int, src: Loc, dst: Loc, expert: int) -> Copy:
+        """Private: a Copy the planner derived from validated values, built without validators
+        (see "private fast construction" at the end of this module)."""
+        op = _new(cls)
+        set_layer, set_rank, set_src, set_dst, set_expert = _COPY_SETTERS
+        set_layer(op, layer)
+        set_rank(op, rank)
+        set_src(op, src)
+        set_dst(op, dst)
+        set_expert(op, expert)
+        return op
+
     def __str__(self) -> str:
         return f"L{self.layer:02d} r{self.rank} copy[e{self.expert} {self.src}->{self.dst}]"
 
 
 Transfer = Send | Recv
 Op = Send | Recv | Copy
+
+
+# --- private fast construction ------------------------------------------------------------------
+# The planner builds ~1e5 ops per model (DeepSeek-V3 from scratch) out of ints it read from
+# validated placements and topologies: ranks, slots and experts that are in range by
+# construction. The attrs validators cost ~2 us an op, a third of compile time, so the planner
+# calls `_trusted`, which writes the slots directly: the same frozen value, no checks. It is
+# private and explicit at every call site. Constructors and JSON (`eplb.ir.serde`) always
+# validate; a `MigrationPlan` or `Schedule` built any way but the planner's `_trusted` checks
+# every op's ranges; `eplb.planner.verify` proves every schedule.
+_new = object.__new__
+
+
+def _slot_setters(cls: type, *names: str) -> tuple[Any, ...]:
+    """The ``__set__`` of each slot of an attrs slotted class, ``names`` being all its fields in
+    order (checked, so a new field cannot be left unset)."""
+    assert names == tuple(a.name for a in attrs.fields(cls)), names
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_SEND_SETTERS = _slot_setters(Send, "layer", "transfer_id", "src_rank", "dst_rank", "src", "expert")
+_RECV_SETTERS = _slot_setters(Recv, "layer", "transfer_id", "src_rank", "dst_rank", "dst", "expert")
+_COPY_SETTERS = _slot_setters(Copy, "layer", "rank", "src", "dst", "expert")

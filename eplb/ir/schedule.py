@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 import attrs
 
-from eplb.ir._validate import non_negative, optional_positive_int, positive_int
+from eplb.ir._validate import non_negative, ops_trusted, optional_positive_int, positive_int, trusting_ops
 from eplb.ir.errors import InvalidValueError
 from eplb.ir.ops import Copy, Op, Recv, Send, Transfer
-from eplb.ir.plan import MigrationPlan, op_problems
+from eplb.ir.plan import MigrationPlan, op_problems, ops_fit
 
 __all__ = ["Round", "Schedule", "ScheduleLimits"]
 
@@ -59,6 +59,8 @@ class Round:
     after: tuple[Copy, ...] = attrs.field(converter=tuple, default=())
 
     def __attrs_post_init__(self) -> None:
+        if ops_trusted():
+            return  # `_trusted`: the planner put each op in its section
         for section, ops, allowed in (
             ("before", self.before, (Copy,)),
             ("transfers", self.transfers, (Send, Recv)),
@@ -68,6 +70,13 @@ class Round:
                 if not isinstance(op, allowed):
                     names = " or ".join(c.__name__ for c in allowed)
                     raise InvalidValueError(f"{section}[{i}]", f"must be a {names} (got {op!r}).")
+
+    @classmethod
+    def _trusted(cls, before: list[Copy], transfers: list[Transfer], after: list[Copy]) -> Round:
+        """Private to `eplb.planner`: a round whose sections it filled with the right kinds of op;
+        built without the per-op type check."""
+        with trusting_ops():
+            return cls(before=before, transfers=transfers, after=after)  # type: ignore[arg-type]  # converter
 
     def ops(self) -> Iterator[Op]:
         yield from self.before
@@ -103,17 +112,45 @@ class Schedule:
     staging_buffers_per_rank: int = attrs.field(default=0, validator=non_negative)
 
     def __attrs_post_init__(self) -> None:
+        if ops_trusted():
+            return  # `_trusted`: the per-op range scan is all there is to check
         problem = next(self.problems(), None)
         if problem is not None:
             raise InvalidValueError(*problem)
+
+    @classmethod
+    def _trusted(
+        cls,
+        *,
+        plan: MigrationPlan,
+        limits: ScheduleLimits,
+        rounds: tuple[Round, ...],
+        rounds_lower_bound: int,
+        staging_buffers_per_rank: int,
+    ) -> Schedule:
+        """Private to `eplb.planner`: rounds of ``plan``'s ops (buffers renamed into a pool of
+        ``staging_buffers_per_rank``). Fields are checked as usual; the per-op range scan is
+        skipped (`eplb.planner.verify` checks the buffers against the pool)."""
+        with trusting_ops():
+            return cls(
+                plan=plan,
+                limits=limits,
+                rounds=rounds,  # type: ignore[arg-type]  # attrs converter=tuple
+                rounds_lower_bound=rounds_lower_bound,
+                staging_buffers_per_rank=staging_buffers_per_rank,
+            )
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """Ops that point outside the plan's topology, layers or staging pool."""
         plan = self.plan
         num_e = plan.target.num_logical_experts
+        layers = range(plan.num_layers)
         for k, rnd in enumerate(self.rounds):
             for section in ("before", "transfers", "after"):
-                for i, op in enumerate(getattr(rnd, section)):
+                ops = getattr(rnd, section)
+                if ops_fit(ops, plan.topology, num_e, self.staging_buffers_per_rank, layers):
+                    continue  # the usual case, checked fast; the loop below says what is wrong
+                for i, op in enumerate(ops):
                     for field, rule in op_problems(op, plan.topology, num_e, self.staging_buffers_per_rank):
                         yield f"rounds[{k}].{section}[{i}].{field}", rule
                     if op.layer >= plan.num_layers:

@@ -60,12 +60,9 @@ def compile_plan(
         )
         for i in range(target.num_layers)
     )
-    return MigrationPlan(
-        topology=topology,
-        expert_bytes=expert_bytes,
-        current=current,
-        target=target,
-        layers=layers,  # type: ignore[arg-type]  # attrs converter=tuple
+    # Every op's rank, slot and expert comes from the validated placements: no per-op scan.
+    return MigrationPlan._trusted(
+        topology=topology, expert_bytes=expert_bytes, current=current, target=target, layers=layers
     )
 
 
@@ -76,85 +73,99 @@ def _compile_layer(
     topology: Topology,
     sent_total: list[int],
 ) -> tuple[Op, ...]:
-    """One layer's ops; ``sent_total`` (transfers sent per rank so far) is updated in place."""
+    """One layer's ops; ``sent_total`` (transfers sent per rank so far) is updated in place.
+
+    Ranks, slots and experts come from validated placements and topology, so they are in range by
+    construction: ops are built with the private unchecked constructors (`Send._trusted`, ...).
+    """
     s_per = topology.slots_per_rank
-    num_cur, num_tgt = len(cur) // s_per, len(tgt) // s_per
+    num_tgt = len(tgt) // s_per
     node = topology.rank_to_node
+    slot_loc = [Loc.slot(s) for s in range(s_per)]  # looked up per op: a list beats the intern table
 
     # Slots never written in this layer can be read at any time: ranks leaving the cluster, and
-    # slots that keep their expert.
-    def stable(rank: int, slot: int) -> bool:
-        return rank >= num_tgt or (rank < num_cur and cur[rank * s_per + slot] == tgt[rank * s_per + slot])
-
-    # holders[e]: (rank, slot) of each current replica, stable slots first (reading them is free).
-    holders: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for p, e in enumerate(cur):
-        holders[e].append((p // s_per, p % s_per))
-    for hs in holders.values():
-        hs.sort(key=lambda rs: (not stable(*rs), rs))
+    # slots that keep their expert. best[e][rank]: the slot to read e from on a rank holding it,
+    # its first stable slot if any (reading it is free), else its first slot.
+    kept = [p < len(tgt) and e == tgt[p] for p, e in enumerate(cur)]
+    stable = [p // s_per >= num_tgt or kept[p] for p in range(len(cur))]
+    best: dict[int, dict[int, int]] = defaultdict(dict)
+    for p in [p for p in range(len(cur)) if stable[p]] + [p for p in range(len(cur)) if not stable[p]]:
+        best[cur[p]].setdefault(p // s_per, p % s_per)
 
     # needs[(rank, expert)]: the rank's slots that must receive the expert, in slot order.
     needs: dict[tuple[int, int], list[int]] = {}
     for p, e in enumerate(tgt):
-        r, s = divmod(p, s_per)
-        if r < num_cur and cur[p] == e:
+        if p < len(cur) and kept[p]:
             continue
-        needs.setdefault((r, e), []).append(s)
+        r, s = divmod(p, s_per)
+        if (r, e) in needs:
+            needs[(r, e)].append(s)
+        else:
+            needs[(r, e)] = [s]
 
     sent_layer = [0] * topology.num_ranks
     reads: dict[int, set[int]] = defaultdict(set)  # rank -> pre-plan slots read by some op
     moves: dict[int, list[_Move]] = defaultdict(list)  # rank -> its local copies, unordered
     remote: list[tuple[int, int, int, int, list[int]]] = []  # (dst rank, expert, src rank, src slot, slots)
     for (r, e), slots in needs.items():
-        own = [s for (h, s) in holders[e] if h == r]
-        if own:
-            reads[r].add(own[0])
-            moves[r].extend((Loc.slot(own[0]), d, e, True) for d in slots)
+        holders = best[e]
+        own = holders.get(r)
+        if own is not None:
+            reads[r].add(own)
+            src = slot_loc[own]
+            moves[r].extend((src, d, e, True) for d in slots)
             continue
-        # One holding slot per rank (its best), then: same node, least sent in this layer, least
-        # sent overall, lowest rank.
-        best: dict[int, int] = {}
-        for h, s in holders[e]:
-            best.setdefault(h, s)
-        h = min(best, key=lambda x: (node[x] != node[r], sent_layer[x], sent_total[x], x))
+        if len(holders) == 1:  # most experts have one replica: no choice to make
+            (h,) = holders
+        else:  # same node, least sent in this layer, least sent overall, lowest rank
+            here = node[r]
+            h = min(holders, key=lambda x: (node[x] != here, sent_layer[x], sent_total[x], x))
         sent_layer[h] += 1
         sent_total[h] += 1
-        reads[h].add(best[h])
-        remote.append((r, e, h, best[h], slots))
+        reads[h].add(holders[h])
+        remote.append((r, e, h, holders[h], slots))
 
     transfers: list[Op] = []
     num_buffers: dict[int, int] = defaultdict(int)
     for tid, (r, e, h, src_slot, slots) in enumerate(remote):
-        clean = [s for s in slots if s not in reads[r]]
-        if clean:
-            land = Loc.slot(clean[0])
-            rest = [s for s in slots if s != clean[0]]
+        clean = _first_not_in(slots, reads[r])
+        if clean is not None:
+            land = slot_loc[clean]
+            rest = [s for s in slots if s != clean]
         else:  # every wanting slot is still to be read: stage, unstage at the end
             land = Loc.buffer(num_buffers[r])
             num_buffers[r] += 1
             rest = slots
-        transfers.append(
-            Send(layer=layer, transfer_id=tid, src_rank=h, dst_rank=r, src=Loc.slot(src_slot), expert=e)
-        )
-        transfers.append(Recv(layer=layer, transfer_id=tid, src_rank=h, dst_rank=r, dst=land, expert=e))
-        moves[r].extend((land, d, e, False) for d in rest)
+        transfers.append(Send._trusted(layer, tid, h, r, slot_loc[src_slot], e))
+        transfers.append(Recv._trusted(layer, tid, h, r, land, e))
+        for d in rest:
+            moves[r].append((land, d, e, False))
 
     copies: list[Op] = []
     for r in sorted(moves):
-        copies.extend(_order_moves(layer, r, moves[r], Loc.buffer(num_buffers[r])))
+        copies.extend(_order_moves(layer, r, moves[r], Loc.buffer(num_buffers[r]), slot_loc))
     return (*transfers, *copies)
+
+
+def _first_not_in(slots: list[int], taken: set[int]) -> int | None:
+    """The first of ``slots`` not in ``taken`` (a loop: runs once per transfer)."""
+    for s in slots:
+        if s not in taken:
+            return s
+    return None
 
 
 # (source, destination slot, expert, source is a pre-plan slot)
 _Move = tuple[Loc, int, int, bool]
 
 
-def _order_moves(layer: int, rank: int, moves: list[_Move], temp: Loc) -> list[Copy]:
+def _order_moves(layer: int, rank: int, moves: list[_Move], temp: Loc, slot_loc: list[Loc]) -> list[Copy]:
     """A parallel move as sequential copies: a slot is written only after its old expert was read.
 
     Sources are pre-plan slots or locations a Recv wrote (never a move's destination). Each
     destination is written once, so what is left when nothing is ready are cycles; one is broken
     by parking a slot's old expert in ``temp`` (reused: a broken cycle drains completely).
+    ``slot_loc[s]`` is slot ``s``'s `Loc`.
     """
     pending: dict[int, int] = defaultdict(int)  # pre-plan slot -> unemitted moves reading it
     for src, _, _, pre in moves:
@@ -168,13 +179,13 @@ def _order_moves(layer: int, rank: int, moves: list[_Move], temp: Loc) -> list[C
         if not ready:
             slot = remaining[0][1]
             old = next(e for src, _, e, pre in remaining if pre and src.index == slot)
-            out.append(Copy(layer=layer, rank=rank, src=Loc.slot(slot), dst=temp, expert=old))
+            out.append(Copy._trusted(layer, rank, slot_loc[slot], temp, old))
             parked[slot] = temp
             pending[slot] = 0
             continue
         for src, dst, e, pre in ready:
             real = parked.get(src.index, src) if pre else src
-            out.append(Copy(layer=layer, rank=rank, src=real, dst=Loc.slot(dst), expert=e))
+            out.append(Copy._trusted(layer, rank, real, slot_loc[dst], e))
             if pre:
                 pending[src.index] -= 1
         taken = {id(m) for m in ready}

@@ -81,12 +81,57 @@ class _Pair:
 
 
 @attrs.define
+class _Load:
+    """Transfer ops and distinct peers per rank of some pairs: all that round bounds count.
+
+    Kept per unit (`_parse`), so windows and the schedule's bound merge loads instead of
+    walking every pair again."""
+
+    ops: dict[int, int]
+    peers: dict[int, set[int]]
+
+    @classmethod
+    def of(cls, pairs: Sequence[_Pair]) -> _Load:
+        ops: dict[int, int] = defaultdict(int)
+        peers: dict[int, set[int]] = defaultdict(set)
+        for p in pairs:
+            a, b = p.send.src_rank, p.recv.dst_rank
+            ops[a] += 1
+            ops[b] += 1
+            peers[a].add(b)
+            peers[b].add(a)
+        return cls(ops=dict(ops), peers=dict(peers))
+
+    @classmethod
+    def union(cls, loads: Sequence[_Load]) -> _Load:
+        if len(loads) == 1:
+            return loads[0]
+        ops: dict[int, int] = defaultdict(int)
+        peers: dict[int, set[int]] = defaultdict(set)
+        for load in loads:
+            for r, n in load.ops.items():
+                ops[r] += n
+            for r, s in load.peers.items():
+                peers[r] |= s
+        return cls(ops=dict(ops), peers=dict(peers))
+
+    def bound(self, limits: ScheduleLimits) -> int:
+        """Rounds these pairs need at least: ceil(ops / max_ops) and ceil(peers / k) per rank."""
+        m, k = limits.max_ops_per_group, limits.max_peers_per_round
+        best = max((_ceil(n, m) for n in self.ops.values()), default=0)
+        if k is not None:
+            best = max(best, max((_ceil(len(s), k) for s in self.peers.values()), default=0))
+        return best
+
+
+@attrs.define
 class _Unit:
     """The transfers of one (layer, level)."""
 
     layer: int
     level: int
     pairs: list[_Pair]
+    load: _Load
 
 
 @attrs.define
@@ -101,16 +146,15 @@ def rounds_lower_bound(plan: MigrationPlan, limits: ScheduleLimits | None = None
     """Fewest rounds any schedule of ``plan`` needs under ``limits`` (default: `default_limits`)."""
     limits = limits or default_limits(plan)
     layers = [_parse(plan, i) for i in range(plan.num_layers)]
-    pairs = [p for lay in layers for u in lay.units for p in u.pairs]
     depth = max((len(lay.units) for lay in layers), default=0)
-    return max(_bound(pairs, limits), depth)
+    return max(_Load.union([u.load for lay in layers for u in lay.units]).bound(limits), depth)
 
 
 def layer_lower_bound(plan: MigrationPlan, layer: int, limits: ScheduleLimits | None = None) -> int:
     """Fewest rounds layer ``layer`` alone needs under ``limits``."""
     limits = limits or default_limits(plan)
     units = _parse(plan, layer).units
-    return max(_bound([p for u in units for p in u.pairs], limits), len(units))
+    return max(_Load.union([u.load for u in units]).bound(limits), len(units))
 
 
 def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
@@ -168,22 +212,21 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
                 )
             ],
         )
-    out_rounds = tuple(
-        Round(before=b, transfers=t, after=a)  # type: ignore[arg-type]  # attrs converter=tuple
-        for b, t, a in zip(before, transfers, after, strict=True)
-    )
+    out_rounds = tuple(Round._trusted(b, t, a) for b, t, a in zip(before, transfers, after, strict=True))
     depth = max((len(lay.units) for lay in layers), default=0)
-    return Schedule(
+    # The rounds hold the plan's ops (checked when the plan was built) with buffers renamed into
+    # the pool: no per-op scan; `verify` still checks every buffer against the pool.
+    return Schedule._trusted(
         plan=plan,
         limits=limits,
-        rounds=out_rounds,  # type: ignore[arg-type]  # attrs converter=tuple
-        rounds_lower_bound=max(_bound([p for u in units for p in u.pairs], limits), depth),
+        rounds=out_rounds,
+        rounds_lower_bound=max(_Load.union([u.load for u in units]).bound(limits), depth),
         staging_buffers_per_rank=pool,
     )
 
 
 class _Tally:
-    """Transfer ops and distinct peers per rank of a growing set of pairs: its round bound."""
+    """Transfer ops and distinct peers per rank of a growing set of units: its round bound."""
 
     def __init__(self, limits: ScheduleLimits) -> None:
         self.m, self.k = limits.max_ops_per_group, limits.max_peers_per_round
@@ -191,34 +234,23 @@ class _Tally:
         self.peers: dict[int, set[int]] = defaultdict(set)
         self.bound = 0
 
-    def bound_with(self, pairs: Sequence[_Pair]) -> int:
-        """The bound if ``pairs`` were added (nothing is added)."""
-        ops: dict[int, int] = defaultdict(int)
-        new: dict[int, set[int]] = defaultdict(set)
-        for p in pairs:
-            a, b = p.send.src_rank, p.recv.dst_rank
-            ops[a] += 1
-            ops[b] += 1
-            if b not in self.peers[a]:
-                new[a].add(b)
-                new[b].add(a)
+    def bound_with(self, load: _Load) -> int:
+        """The bound if ``load`` were added (nothing is added)."""
         best = self.bound
         m, k = self.m, self.k
-        for r, n in ops.items():
+        for r, n in load.ops.items():
             best = max(best, _ceil(self.ops[r] + n, m))
         if k is not None:
-            for r, s in new.items():
-                best = max(best, _ceil(len(self.peers[r]) + len(s), k))
+            for r, s in load.peers.items():
+                best = max(best, _ceil(len(self.peers[r] | s), k))
         return best
 
-    def add(self, pairs: Sequence[_Pair]) -> None:
-        self.bound = self.bound_with(pairs)
-        for p in pairs:
-            a, b = p.send.src_rank, p.recv.dst_rank
-            self.ops[a] += 1
-            self.ops[b] += 1
-            self.peers[a].add(b)
-            self.peers[b].add(a)
+    def add(self, load: _Load) -> None:
+        self.bound = self.bound_with(load)
+        for r, n in load.ops.items():
+            self.ops[r] += n
+        for r, s in load.peers.items():
+            self.peers[r] |= s
 
 
 def _windows(
@@ -233,12 +265,12 @@ def _windows(
     w_bufs: dict[int, int] = defaultdict(int)
     w_layers: set[int] = set()
     for unit in units:
-        u_bound = _bound(unit.pairs, limits)
+        u_bound = unit.load.bound(limits)
         bufs = layers[unit.layer].buffers if unit.layer not in w_layers else {}
         fits = (
             windows
             and unit.layer not in w_layers  # a layer's next level starts a new window
-            and (new_bound := tally.bound_with(unit.pairs)) <= tally.bound + u_bound
+            and (new_bound := tally.bound_with(unit.load)) <= tally.bound + u_bound
             and (
                 budget is None
                 or all(
@@ -253,7 +285,7 @@ def _windows(
         else:
             windows.append([unit])
             tally, w_bufs, w_layers = _Tally(limits), defaultdict(int), set()
-        tally.add(unit.pairs)
+        tally.add(unit.load)
         w_layers.add(unit.layer)
         for r, n in bufs.items():
             w_bufs[r] += n
@@ -282,11 +314,11 @@ def _copy_homes(layers: list[_Layer]) -> dict[_Home, list[tuple[int, Copy]]]:
     homes: dict[_Home, list[tuple[int, Copy]]] = defaultdict(list)
     for li, lay in enumerate(layers):
         levels = {u.level for u in lay.units}
-        for level, c in lay.copies:
-            key = max(level, 0)
+        for item in lay.copies:  # (level, copy), shared rather than rebuilt
+            key = max(item[0], 0)
             if key not in levels:
                 key = min(levels, default=-1)
-            homes[(li, key)].append((level, c))
+            homes[(li, key)].append(item)
     return homes
 
 
@@ -304,7 +336,8 @@ def _build_window(
     also runs the layers of copies only, before its first group.
     """
     pairs = [p for u in window for p in u.pairs]
-    assignment = _colour(pairs, limits, plan.topology.num_ranks)
+    bound = _Load.union([u.load for u in window]).bound(limits)
+    assignment = _colour(pairs, limits, plan.topology.num_ranks, bound)
     n = max(assignment, default=-1) + 1
     order = _round_order(pairs, assignment, n)
     rounds: list[list[_Pair]] = [[] for _ in range(n)]
@@ -394,27 +427,26 @@ def _direct_landing(lay: _Layer, recv_of: dict[int, Recv]) -> tuple[dict[int, Co
             read_at[key] = p.round
     for p, outs in lay.staged:
         k, r = p.round, p.recv.dst_rank
-        reads = [read_at.get((r, c.dst.index), -1) for c in outs]
-        land = next((i for i, j in enumerate(reads) if j < k), None)
+        # Last round a Send reads each wanting slot; land in the first already read (if any).
+        reads: list[int] = []
+        land = None
+        for i, c in enumerate(outs):
+            reads.append(read_at.get((r, c.dst.index), -1))
+            if land is None and reads[i] < k:
+                land = i
         if land is None:
             for c, j in zip(outs, reads, strict=True):
                 early[id(c)] = max(k, j)
             continue
+        # The new ops only move validated fields between ops: built unchecked (`Recv._trusted`).
         slot = outs[land].dst
         recv = p.recv
-        recv_of[id(p)] = Recv(
-            layer=recv.layer,
-            transfer_id=recv.transfer_id,
-            src_rank=recv.src_rank,
-            dst_rank=r,
-            dst=slot,
-            expert=recv.expert,
-        )
+        recv_of[id(p)] = Recv._trusted(recv.layer, recv.transfer_id, recv.src_rank, r, slot, recv.expert)
         for i, (c, j) in enumerate(zip(outs, reads, strict=True)):
             if i == land:
                 replace[id(c)] = None
             else:
-                replace[id(c)] = Copy(layer=c.layer, rank=r, src=slot, dst=c.dst, expert=c.expert)
+                replace[id(c)] = Copy._trusted(c.layer, r, slot, c.dst, c.expert)
                 early[id(c)] = max(k, j)
     return replace, early
 
@@ -429,101 +461,116 @@ def _staged(lay: _Layer) -> list[tuple[_Pair, list[Copy]]]:
     if len(lay.units) != 1:
         return []
     pairs = lay.units[0].pairs
-    if any(p.send.src.kind == "buffer" for p in pairs):
-        return []
-    copy_read: set[tuple[int, Loc]] = set()
-    writes: dict[tuple[int, Loc], int] = defaultdict(int)
-    from_buffer: dict[tuple[int, Loc], list[Copy]] = defaultdict(list)
+    # Keyed by (rank, kind, index), not by `Loc` (a Python-level hash), as in `_parse`.
+    writes: dict[tuple[int, str, int], int] = defaultdict(int)
+    staged: list[_Pair] = []  # pairs whose Recv lands in a buffer
+    for p in pairs:
+        if p.send.src.kind == "buffer":
+            return []
+        dst = p.recv.dst
+        writes[(p.recv.dst_rank, dst.kind, dst.index)] += 1
+        if dst.kind == "buffer":
+            staged.append(p)
+    slot_read: set[tuple[int, int]] = set()  # (rank, slot) a copy reads
+    from_buffer: dict[tuple[int, int], list[Copy]] = defaultdict(list)  # (rank, buffer) -> copies
     for _, c in lay.copies:
-        copy_read.add((c.rank, c.src))
-        writes[(c.rank, c.dst)] += 1
-        if c.src.kind == "buffer":
-            from_buffer[(c.rank, c.src)].append(c)
-    for p in pairs:
-        writes[(p.recv.dst_rank, p.recv.dst)] += 1
+        src, dst = c.src, c.dst
+        writes[(c.rank, dst.kind, dst.index)] += 1
+        if src.kind == "buffer":
+            from_buffer[(c.rank, src.index)].append(c)
+        else:
+            slot_read.add((c.rank, src.index))
     out = []
-    for p in pairs:
-        r, b = p.recv.dst_rank, p.recv.dst
-        if b.kind != "buffer" or writes[(r, b)] != 1:
+    for p in staged:
+        r, b = p.recv.dst_rank, p.recv.dst.index
+        if writes[(r, "buffer", b)] != 1:
             continue
         outs = from_buffer.get((r, b))
-        if outs and all(
-            c.dst.kind == "slot" and writes[(r, c.dst)] == 1 and (r, c.dst) not in copy_read for c in outs
-        ):
+        if outs and _to_private_slots(outs, r, writes, slot_read):
             out.append((p, outs))
     return out
+
+
+# A loop rather than a generator: it runs once per staged Recv (~1e4 per model).
+def _to_private_slots(
+    copies: list[Copy], rank: int, writes: dict[tuple[int, str, int], int], slot_read: set[tuple[int, int]]
+) -> bool:
+    """Whether every copy writes a slot that nothing else writes and no copy reads."""
+    for c in copies:
+        dst = c.dst
+        if dst.kind != "slot" or writes[(rank, "slot", dst.index)] != 1 or (rank, dst.index) in slot_read:
+            return False
+    return True
 
 
 # --- parsing a layer: pairs, levels, copies ---------------------------------------------------
 def _parse(plan: MigrationPlan, li: int) -> _Layer:
     """Match Sends with Recvs and give every op its level (see the module docstring)."""
     ops = plan.layers[li].ops
-    sends: dict[int, Send] = {}
-    recvs: dict[int, Recv] = {}
-    clash = False
-    for op in ops:
-        if isinstance(op, Send):
-            clash = clash or op.transfer_id in sends
-            sends[op.transfer_id] = op
-        elif isinstance(op, Recv):
-            clash = clash or op.transfer_id in recvs
-            recvs[op.transfer_id] = op
-    if (
-        clash
-        or sends.keys() != recvs.keys()
-        or any(
-            (s.src_rank, s.dst_rank, s.expert) != (r.src_rank, r.dst_rank, r.expert)
-            for s, r in zip(sends.values(), (recvs[t] for t in sends), strict=True)
-        )
-    ):
+    send_ops = [op for op in ops if isinstance(op, Send)]
+    recv_ops = [op for op in ops if isinstance(op, Recv)]
+    sends = {op.transfer_id: op for op in send_ops}
+    recvs = {op.transfer_id: op for op in recv_ops}
+    clash = len(sends) != len(send_ops) or len(recvs) != len(recv_ops)  # a transfer id used twice
+    if clash or sends.keys() != recvs.keys() or not _agree(sends, recvs):
         _unmatched(ops, li)
 
-    # Per location (rank, loc): the last writer's level and the highest level that read it since.
-    # A transfer goes in a later group than any earlier access (Sends and Recvs of one group may
-    # not share a location; a copy at level L runs after group L); a copy after them.
-    writer: dict[tuple[int, Loc], int] = {}
-    readers: dict[tuple[int, Loc], int] = {}
+    # Per location (rank, kind, index): ``written`` is the level of its last writer, ``busy``
+    # the highest level that wrote or read it since (-1 when missing). A transfer goes in a later
+    # group than any earlier access it conflicts with (Sends and Recvs of one group may not share
+    # a location; a copy at level L runs after group L); a copy after them. Keys hold a
+    # location's kind and index rather than the `Loc`, whose hash is a Python call: this loop
+    # runs over every op of the plan.
+    written: dict[tuple[int, str, int], int] = {}
+    busy: dict[tuple[int, str, int], int] = {}
     units: dict[int, list[_Pair]] = defaultdict(list)
     copies: list[tuple[int, Copy]] = []
     buffers: dict[int, set[int]] = defaultdict(set)
-    done: set[int] = set()
     for op in ops:
         if isinstance(op, Copy):
-            src, dst = (op.rank, op.src), (op.rank, op.dst)
-            level = max(-1, writer.get(src, -1), readers.get(dst, -1), writer.get(dst, -1))
-            if readers.get(src, -1) < level:
-                readers[src] = level
-            else:
-                readers.setdefault(src, -1)
-            writer[dst] = level
-            readers.pop(dst, None)
+            rank, from_loc, to_loc = op.rank, op.src, op.dst
+            src, dst = (rank, from_loc.kind, from_loc.index), (rank, to_loc.kind, to_loc.index)
+            level = max(-1, written.get(src, -1), busy.get(dst, -1))
+            if busy.get(src, -1) < level:
+                busy[src] = level
+            written[dst] = busy[dst] = level
             copies.append((level, op))
-            if op.src.kind == "buffer":
-                buffers[op.rank].add(op.src.index)
-            if op.dst.kind == "buffer":
-                buffers[op.rank].add(op.dst.index)
+            if from_loc.kind == "buffer":
+                buffers[rank].add(from_loc.index)
+            if to_loc.kind == "buffer":
+                buffers[rank].add(to_loc.index)
             continue
-        tid = op.transfer_id
-        if tid in done:
+        # A pair takes its place at the first of its Send and Recv: popped then, skipped after.
+        send = sends.pop(op.transfer_id, None)
+        if send is None:
             continue
-        done.add(tid)
-        send, recv = sends[tid], recvs[tid]
-        src, dst = (send.src_rank, send.src), (recv.dst_rank, recv.dst)
-        level = max(0, writer.get(src, -2) + 1, readers.get(dst, -2) + 1, writer.get(dst, -2) + 1)
-        if readers.get(src, -1) < level:
-            readers[src] = level
-        writer[dst] = level
-        readers.pop(dst, None)
+        recv = recvs[op.transfer_id]
+        from_loc, to_loc = send.src, recv.dst
+        src = (send.src_rank, from_loc.kind, from_loc.index)
+        dst = (recv.dst_rank, to_loc.kind, to_loc.index)
+        level = max(0, written.get(src, -1) + 1, busy.get(dst, -1) + 1)
+        if busy.get(src, -1) < level:
+            busy[src] = level
+        written[dst] = busy[dst] = level
         units[level].append(_Pair(send=send, recv=recv, level=level))
-        if send.src.kind == "buffer":
-            buffers[send.src_rank].add(send.src.index)
-        if recv.dst.kind == "buffer":
-            buffers[recv.dst_rank].add(recv.dst.index)
+        if from_loc.kind == "buffer":
+            buffers[send.src_rank].add(from_loc.index)
+        if to_loc.kind == "buffer":
+            buffers[recv.dst_rank].add(to_loc.index)
     return _Layer(
-        units=[_Unit(layer=li, level=lv, pairs=units[lv]) for lv in sorted(units)],
+        units=[_Unit(layer=li, level=lv, pairs=units[lv], load=_Load.of(units[lv])) for lv in sorted(units)],
         copies=copies,
         buffers={r: len(b) for r, b in buffers.items()},
     )
+
+
+def _agree(sends: dict[int, Send], recvs: dict[int, Recv]) -> bool:
+    """Whether each Send and the Recv of its transfer id name the same ranks and expert."""
+    for tid, s in sends.items():
+        r = recvs[tid]
+        if s.src_rank != r.src_rank or s.dst_rank != r.dst_rank or s.expert != r.expert:
+            return False
+    return True
 
 
 def _unmatched(ops: Sequence[Op], li: int) -> None:
@@ -554,30 +601,11 @@ def _ceil(a: float, b: int = 1) -> int:
     return int(-(-a // b))
 
 
-def _bound(pairs: Sequence[_Pair], limits: ScheduleLimits) -> int:
-    if not pairs:
-        return 0
-    ops: dict[int, int] = defaultdict(int)
-    peers: dict[int, set[int]] = defaultdict(set)
-    for p in pairs:
-        a, b = p.send.src_rank, p.recv.dst_rank
-        ops[a] += 1
-        ops[b] += 1
-        peers[a].add(b)
-        peers[b].add(a)
-    m = limits.max_ops_per_group
-    best = max(_ceil(n, m) for n in ops.values())
-    k = limits.max_peers_per_round
-    if k is not None:
-        best = max(best, max(_ceil(len(s), k) for s in peers.values()))
-    return best
-
-
-def _colour(pairs: Sequence[_Pair], limits: ScheduleLimits, num_ranks: int) -> list[int]:
-    """A round index per pair: every rank <= k peers and <= max_ops_per_group ops per round."""
+def _colour(pairs: Sequence[_Pair], limits: ScheduleLimits, num_ranks: int, bound: int) -> list[int]:
+    """A round index per pair: every rank <= k peers and <= max_ops_per_group ops per round.
+    ``bound``: the pairs' round lower bound."""
     if not pairs:
         return []
-    bound = _bound(pairs, limits)
     greedy = _best_fit(pairs, limits, num_ranks, bound)
     rounds = max(greedy) + 1
     if limits.max_peers_per_round is None or rounds <= bound:
@@ -600,32 +628,37 @@ def _best_fit(pairs: Sequence[_Pair], limits: ScheduleLimits, num_ranks: int, st
             degree[a] += 1
             degree[b] += 1
         groups[key].append(i)
-    load: list[list[int]] = [[0] * num_ranks for _ in range(start)]
-    peers: list[list[set[int]]] = [[set() for _ in range(num_ranks)] for _ in range(start)]
+    # Per rank, per open round: its transfer ops and its peers (rank-major: the inner loop below
+    # walks the rounds of two ranks).
+    load: list[list[int]] = [[0] * start for _ in range(num_ranks)]
+    peers: list[list[set[int]]] = [[set() for _ in range(start)] for _ in range(num_ranks)]
+    num_rounds = start
     out = [0] * len(pairs)
     order = sorted(groups, key=lambda ab: (-max(degree[ab[0]], degree[ab[1]]), -len(groups[ab]), ab))
     for a, b in order:
         todo = groups[(a, b)]
+        load_a, load_b, peers_a, peers_b = load[a], load[b], peers[a], peers[b]
         while todo:
             best, room = -1, 0
-            for r in range(len(load)):
-                new_peer = b not in peers[r][a]
-                if k is not None and new_peer and (len(peers[r][a]) >= k or len(peers[r][b]) >= k):
+            for r in range(num_rounds):
+                if k is not None and b not in peers_a[r] and (len(peers_a[r]) >= k or len(peers_b[r]) >= k):
                     continue
-                free = min(m - load[r][a], m - load[r][b])
+                free = m - max(load_a[r], load_b[r])
                 if free > room:
                     best, room = r, free
             if best < 0:
-                load.append([0] * num_ranks)
-                peers.append([set() for _ in range(num_ranks)])
-                best, room = len(load) - 1, m
+                for rank in range(num_ranks):
+                    load[rank].append(0)
+                    peers[rank].append(set())
+                best, room = num_rounds, m
+                num_rounds += 1
             take, todo = todo[:room], todo[room:]
             for i in take:
                 out[i] = best
-            load[best][a] += len(take)
-            load[best][b] += len(take)
-            peers[best][a].add(b)
-            peers[best][b].add(a)
+            load_a[best] += len(take)
+            load_b[best] += len(take)
+            peers_a[best].add(b)
+            peers_b[best].add(a)
     used = sorted(set(out))
     renumber = {r: j for j, r in enumerate(used)}
     return [renumber[r] for r in out]
@@ -739,27 +772,23 @@ def _rename_buffers(
     renamed (lists changed in place).
     """
     # value: (layer, rank, plan index, generation); live range [start, end] in execution time.
-    gen: dict[tuple[int, int, int], int] = defaultdict(int)
+    gen: dict[tuple[int, int, int], int] = {}
     live: dict[tuple[int, int, int, int], list[tuple[int, int, int]]] = {}
     # (list, position, role) of every op naming a buffer, and the value it names.
     uses: list[tuple[list[Any], int, str, tuple[int, int, int, int]]] = []
 
-    def touch(
-        ops: list[Any],
-        i: int,
-        role: str,
-        op: Copy | Transfer,
-        loc: Loc,
-        t: tuple[int, int, int],
-        write: bool,
-    ) -> None:
+    def write(ops: list[Any], i: int, role: str, op: Copy | Recv, loc: Loc, t: tuple[int, int, int]) -> None:
         key = (op.layer, op.rank, loc.index)
-        if write:
-            gen[key] += 1
-        value = (*key, gen[key])
-        if write:
-            live[value] = [t, t]
-        elif value not in live:
+        value = (*key, gen.get(key, 0) + 1)
+        gen[key] = value[3]
+        live[value] = [t, t]
+        uses.append((ops, i, role, value))
+
+    def read(ops: list[Any], i: int, role: str, op: Copy | Send, loc: Loc, t: tuple[int, int, int]) -> None:
+        key = (op.layer, op.rank, loc.index)
+        value = (*key, gen.get(key, 0))
+        span = live.get(value)
+        if span is None:
             raise PlanError(
                 "plan cannot be scheduled",
                 [
@@ -771,25 +800,27 @@ def _rename_buffers(
                     )
                 ],
             )
-        else:
-            live[value][1] = t
+        span[1] = t
         uses.append((ops, i, role, value))
 
     for k in range(len(transfers)):
         for sec, copies in ((0, before[k]), (2, after[k])):
             for i, c in enumerate(copies):
                 if c.src.kind == "buffer":
-                    touch(copies, i, "src", c, c.src, (k, sec, i), False)
+                    read(copies, i, "src", c, c.src, (k, sec, i))
                 if c.dst.kind == "buffer":
-                    touch(copies, i, "dst", c, c.dst, (k, sec, i), True)
-            if sec == 0:
-                group = transfers[k]
+                    write(copies, i, "dst", c, c.dst, (k, sec, i))
+            if sec == 0:  # the group: its Sends read before its Recvs write
+                group, t = transfers[k], (k, 1, 0)
+                staged: list[tuple[int, Recv]] = []
                 for i, op in enumerate(group):
-                    if isinstance(op, Send) and op.src.kind == "buffer":
-                        touch(group, i, "src", op, op.src, (k, 1, 0), False)
-                for i, op in enumerate(group):
-                    if isinstance(op, Recv) and op.dst.kind == "buffer":
-                        touch(group, i, "dst", op, op.dst, (k, 1, 0), True)
+                    if isinstance(op, Send):
+                        if op.src.kind == "buffer":
+                            read(group, i, "src", op, op.src, t)
+                    elif op.dst.kind == "buffer":
+                        staged.append((i, op))
+                for i, recv in staged:
+                    write(group, i, "dst", recv, recv.dst, t)
     if not live:
         return 0, before, transfers, after
 
@@ -817,28 +848,23 @@ def _rename_buffers(
             heapq.heappush(busy, (end, idx))
         pool = max(pool, count)
 
+    # Rewrite the ops whose buffer changed name (the fields move between validated ops: built
+    # unchecked); an op already naming its pool buffer is kept as it is.
     for ops, i, role, value in uses:
-        op = ops[i]
-        loc = Loc.buffer(index[value])
+        op, new = ops[i], index[value]
         if isinstance(op, Copy):
+            if (op.src if role == "src" else op.dst).index == new:
+                continue
+            loc = Loc.buffer(new)
             src, dst = (loc, op.dst) if role == "src" else (op.src, loc)
-            ops[i] = Copy(layer=op.layer, rank=op.rank, src=src, dst=dst, expert=op.expert)
+            ops[i] = Copy._trusted(op.layer, op.rank, src, dst, op.expert)
         elif isinstance(op, Send):
-            ops[i] = Send(
-                layer=op.layer,
-                transfer_id=op.transfer_id,
-                src_rank=op.src_rank,
-                dst_rank=op.dst_rank,
-                src=loc,
-                expert=op.expert,
-            )
-        else:
-            ops[i] = Recv(
-                layer=op.layer,
-                transfer_id=op.transfer_id,
-                src_rank=op.src_rank,
-                dst_rank=op.dst_rank,
-                dst=loc,
-                expert=op.expert,
+            if op.src.index != new:
+                ops[i] = Send._trusted(
+                    op.layer, op.transfer_id, op.src_rank, op.dst_rank, Loc.buffer(new), op.expert
+                )
+        elif op.dst.index != new:
+            ops[i] = Recv._trusted(
+                op.layer, op.transfer_id, op.src_rank, op.dst_rank, Loc.buffer(new), op.expert
             )
     return pool, before, transfers, after
