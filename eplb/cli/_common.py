@@ -6,9 +6,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 from eplb.formats import InputError
 from eplb.ir.errors import PlanError, SerdeError
+from eplb.ir.serde import loads
 
 # Bad command-line input: the message names the problem and the fix (exit status 2). One class
 # with the file-format errors of eplb.formats, which the CLI reports the same way.
@@ -101,3 +103,21 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+T = TypeVar("T")
+
+
+def read_document(path: str, cls: type[T], what: str, fix: str) -> T:
+    """The IR document of type ``cls`` at ``path``; one-line errors naming ``what`` it should be
+    and ``fix`` (how to get one)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CliError(f"cannot read {path}: no such file.") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}; {fix}.") from None
+    try:
+        return loads(data, cls)
+    except SerdeError as exc:
+        raise CliError(f"{path} is not a {what} document: {first_problem(exc)}; {fix}.") from None

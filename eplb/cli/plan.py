@@ -11,12 +11,19 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError, check_writable, first_problem, require_positive, write_atomic
+from eplb.cli._common import (
+    CliError,
+    check_writable,
+    first_problem,
+    read_document,
+    require_positive,
+    write_atomic,
+)
 from eplb.formats import read_json
-from eplb.ir.errors import EplbError, PlanError, SerdeError
+from eplb.ir.errors import EplbError, PlanError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.schedule import ScheduleLimits
-from eplb.ir.serde import dumps, loads
+from eplb.ir.serde import dumps
 from eplb.ir.topology import Topology
 
 __all__ = ["register", "run"]
@@ -115,18 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_topology(path: str) -> Topology:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CliError(f"cannot read {path}: no such file.") from None
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}; pass a topology JSON file.") from None
-    try:
-        return loads(data, Topology)
-    except SerdeError as exc:
-        raise CliError(
-            f"{path} is not a topology document: {first_problem(exc)}; write it with eplb.ir.serde.dumps."
-        ) from None
+    return read_document(path, Topology, "topology", "write it with eplb.ir.serde.dumps")
 
 
 def _read_placements(

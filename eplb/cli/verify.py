@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError, first_problem
-from eplb.ir.errors import PlanError, SerdeError
+from eplb.cli._common import read_document
+from eplb.ir.errors import PlanError
 from eplb.ir.schedule import Schedule
-from eplb.ir.serde import loads
 
 __all__ = ["read_schedule", "register", "run"]
 
@@ -27,18 +25,7 @@ def register(subparsers: Any) -> None:
 
 
 def read_schedule(path: str) -> Schedule:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CliError(f"cannot read {path}: no such file.") from None
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}; pass a schedule `eplb plan` wrote.") from None
-    try:
-        return loads(data, Schedule)
-    except SerdeError as exc:
-        raise CliError(
-            f"{path} is not a schedule document: {first_problem(exc)}; pass a schedule `eplb plan` wrote."
-        ) from None
+    return read_document(path, Schedule, "schedule", "pass a schedule `eplb plan` wrote")
 
 
 def run(args: argparse.Namespace) -> int:
