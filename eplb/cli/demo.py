@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import sys
-import tempfile
 import time
 from typing import Any
 
 import attrs
 
 from eplb.cli._common import CliError, check_writable_folder, require_positive, write_atomic
+from eplb.cli._launch import launch_ranks
 
 __all__ = ["execute_on_processes", "register", "run"]
 
@@ -290,8 +288,6 @@ def execute_on_processes(
     runs the executor, and checks every slot against the target. Processes are forked from this
     one, so each rank starts without importing torch again (32 imports take ~45 s on 2 cores).
     """
-    import multiprocessing as mp
-
     from eplb.executors.synthetic import expert_bytes_of, tensor_layout
     from eplb.planner.verify import verify
 
@@ -306,36 +302,16 @@ def execute_on_processes(
     scaled = attrs.evolve(sched, plan=attrs.evolve(plan, expert_bytes=small), limits=limits)
     verify(scaled)
     n = plan.topology.num_ranks
-    ctx = mp.get_context("fork")
-    results: Any = ctx.Queue()
     t0 = time.perf_counter()
-    got: dict[int, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="eplb-demo-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(r, n, store, scaled, layout, executor, timeout_s, results),
-                daemon=True,
-            )
-            for r in range(n)
-        ]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + timeout_s
-        while len(got) < n and time.monotonic() < deadline:
-            try:
-                res = results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                if all(not proc.is_alive() for proc in procs) and results.empty():
-                    break
-                continue
-            got[res["rank"]] = res
-        for proc in procs:  # only the processes started here, each by its own handle
-            proc.join(timeout=5.0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5.0)
+    outcomes = launch_ranks(
+        _check_rank,
+        n,
+        (scaled, layout, executor, timeout_s),
+        start_method="fork",
+        pg_timeout_s=timeout_s,
+        deadline_s=timeout_s,
+    )
+    got = {r: _outcome(r, result, error, executor) for r, (result, error) in outcomes.items()}
     problems = [p for r in sorted(got) for p in got[r]["problems"]]
     problems += [f"rank {r} did not answer within {timeout_s:g} s" for r in range(n) if r not in got]
     names = {g["executor"] for g in got.values() if g["executor"]}
@@ -351,48 +327,26 @@ def execute_on_processes(
     }
 
 
-def _rank_main(
-    rank: int,
-    n: int,
-    store: str,
-    sched: Any,
-    layout: Any,
-    executor: str | None,
-    timeout_s: float,
-    results: Any,
-) -> None:
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
+def _check_rank(rank: int, sched: Any, layout: Any, executor: str | None, timeout_s: float) -> dict[str, Any]:
+    """One rank: its current experts' byte patterns, the executor's run, every slot checked."""
     from eplb.executors.synthetic import make_rank_weights, mismatches
 
-    torch.set_num_threads(1)  # n ranks share a few cores
-    out: dict[str, Any] = {"rank": rank, "problems": [], "bytes_received": 0, "executor": executor}
-    try:
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store, n),  # type: ignore[attr-defined]  # exported at runtime
-            rank=rank,
-            world_size=n,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-        plan = sched.plan
-        weights = make_rank_weights(plan.current, rank, plan.topology.slots_per_rank, layout)
-        backend = _executor(plan.topology, executor, timeout_s)
-        out["executor"] = backend.name
-        report = backend.run(sched, weights, verified=True)
-        out["bytes_received"] = report.bytes_received
-        out["problems"] = mismatches(weights, plan.target, rank)
-    except Exception as exc:
-        out["problems"] = [
-            f"rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ]
-    finally:
-        results.put(out)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    plan = sched.plan
+    weights = make_rank_weights(plan.current, rank, plan.topology.slots_per_rank, layout)
+    backend = _executor(plan.topology, executor, timeout_s)
+    report = backend.run(sched, weights, verified=True)
+    return {
+        "problems": mismatches(weights, plan.target, rank),
+        "bytes_received": report.bytes_received,
+        "executor": backend.name,
+    }
+
+
+def _outcome(rank: int, result: Any, error: str | None, executor: str | None) -> dict[str, Any]:
+    if error is None:
+        return dict(result)
+    first = error.splitlines()[0] if error else ""
+    return {"problems": [f"rank {rank}: {first}"], "bytes_received": 0, "executor": executor}
 
 
 def _executor(topology: Any, name: str | None, timeout_s: float) -> Any:

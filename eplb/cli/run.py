@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import queue
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from eplb.cli._common import CliError, first_problem, require_positive
+from eplb.cli._launch import launch_ranks
 
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 MAX_LOCAL_PROCS = 128
@@ -140,28 +138,6 @@ def _rank_main(
     }
 
 
-def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], results: Any) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store_path, world),  # type: ignore[attr-defined]
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=float(args[3]) * 2),
-        )
-        sched, backend, dtype_name, timeout = args
-        results.put(_rank_main(rank, sched, backend, dtype_name, timeout, "cpu"))
-    except BaseException as exc:
-        results.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run(args: argparse.Namespace) -> int:
     from eplb.executors import EXECUTORS
 
@@ -225,43 +201,22 @@ def _run_torchrun(sched: Any, args: argparse.Namespace) -> int:
 
 
 def _run_spawned(sched: Any, args: argparse.Namespace, world: int) -> int:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    got: dict[int, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        call = (sched, args.backend, args.dtype, args.timeout)
-        procs = [
-            ctx.Process(
-                target=_spawned, args=(r, world, os.path.join(tmp, "store"), call, results), daemon=True
-            )
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout * 3 + 60
-        while len(got) < world and time.monotonic() < deadline:
-            try:
-                res = results.get(timeout=1.0)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs):
-                    break
-                continue
-            got[res["rank"]] = res
-        for p in procs:  # only the processes started here
-            p.join(timeout=5.0)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    got = launch_ranks(
+        _rank_main,
+        world,
+        (sched, args.backend, args.dtype, args.timeout, "cpu"),
+        start_method="spawn",
+        pg_timeout_s=args.timeout * 2,
+        deadline_s=args.timeout * 3 + 60,
+    )
     errors = [
-        f"rank {r}: {got[r]['error']}" if r in got else f"rank {r}: no answer"
+        f"rank {r}: {got[r][1]}" if r in got else f"rank {r}: no answer"
         for r in range(world)
-        if "error" in got.get(r, {"error": 1})
+        if r not in got or got[r][1] is not None
     ]
     if errors:
         raise CliError("the run failed:\n" + "\n".join(errors))
-    return _summarise(sched, args, [got[r] for r in range(world)])
+    return _summarise(sched, args, [got[r][0] for r in range(world)])
 
 
 def _summarise(sched: Any, args: argparse.Namespace, outs: list[dict[str, Any]]) -> int:
