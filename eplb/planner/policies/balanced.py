@@ -127,16 +127,20 @@ class _State:
     slots_per_rank: int
 
 
+def _replicas_heaviest_first(w: F64, counts: I64) -> tuple[I64, F64]:
+    """Per row, every replica's expert and load share (``w / counts``), heaviest first (stable)."""
+    rows_n, n = w.shape
+    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
+    item_w = np.take_along_axis(w / counts, items, axis=1)
+    order = np.argsort(-item_w, axis=1, kind="stable")
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(item_w, order, axis=1)
+
+
 def pack_replicas(w: F64, counts: I64, num_ranks: int, slots_per_rank: int) -> tuple[_State, int]:
     """Heaviest replica first onto the lightest allowed rank. Returns the state and repair count."""
     rows_n, n = w.shape
     num_phy = num_ranks * slots_per_rank
-    share = w / counts
-    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
-    item_w = np.take_along_axis(share, items, axis=1)
-    order = np.argsort(-item_w, axis=1, kind="stable")
-    items = np.take_along_axis(items, order, axis=1)
-    item_w = np.take_along_axis(item_w, order, axis=1)
+    items, item_w = _replicas_heaviest_first(w, counts)
 
     st = _State(
         slot_expert=np.full((rows_n, num_phy), -1, dtype=np.int64),
@@ -210,12 +214,7 @@ def pack_blocks(w: F64, counts: I64, num_ranks: int, slots_per_rank: int) -> tup
     is packed again by `pack_replicas`. Returns the state and the number of such rows."""
     rows_n, n = w.shape
     num_r, s = num_ranks, slots_per_rank
-    share = w / counts
-    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
-    item_w = np.take_along_axis(share, items, axis=1)
-    order = np.argsort(-item_w, axis=1, kind="stable")
-    items = np.take_along_axis(items, order, axis=1)
-    item_w = np.take_along_axis(item_w, order, axis=1)
+    items, item_w = _replicas_heaviest_first(w, counts)
     st = _State(
         slot_expert=np.full((rows_n, num_r * s), -1, dtype=np.int64),
         slot_w=np.zeros((rows_n, num_r * s)),
