@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import loads
 from eplb.planner.load import as_load_matrix
 
+if TYPE_CHECKING:
+    from eplb.io.layout import ModelLayout, RowMap
+
 __all__ = [
     "LOAD_SUFFIXES",
     "InputError",
@@ -29,7 +32,9 @@ __all__ = [
     "np_load",
     "read_json",
     "read_load",
+    "read_load_rows",
     "read_placement",
+    "resolve_layout",
     "torch_load",
 ]
 
@@ -115,15 +120,51 @@ def check_numeric(data: Any, path: Path) -> None:
         raise InputError(f"{path}: the load holds {name} values; save token counts as integers or floats.")
 
 
-def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float64]:
-    """``[num_layers, num_logical_experts]`` float64 from a ``.json``, ``.npy`` or ``.pt`` file.
+def read_load(
+    path: str | Path, *, first_layer: int = 0, layout: ModelLayout | None = None
+) -> npt.NDArray[np.float64]:
+    """``[num_moe_layers, num_logical_experts]`` float64 from a ``.json``, ``.npy`` or ``.pt`` file.
 
-    ``first_layer``: the file has a row per model layer (SGLang's dumps: 61 for DeepSeek-V3) and
-    the MoE layers start at this one; the rows before it (dense layers) are dropped.
+    ``layout`` (or ``first_layer``, a layout whose layer count is unknown): the model layers that
+    are MoE layers; a file with a row per model layer (SGLang's dumps: 61 for DeepSeek-V3) loses
+    its dense rows, which must hold no load. See `read_load_rows`.
     """
+    return read_load_rows(path, first_layer=first_layer, layout=layout)[0]
+
+
+def read_load_rows(
+    path: str | Path, *, first_layer: int = 0, layout: ModelLayout | None = None
+) -> tuple[npt.NDArray[np.float64], RowMap]:
+    """`read_load` and how the file's rows mapped to MoE layers (``RowMap.note`` for the report)."""
+    from eplb.io.layout import load_rows
+
     p = Path(path)
+    layout = resolve_layout(first_layer, layout)
+    load = _read_load_matrix(p)
+    rows = load_rows(layout, load, str(p))
+    if layout is not None:
+        layout.check_experts(load.shape[1], str(p))
+    return load[rows.start : rows.start + rows.count], rows
+
+
+def resolve_layout(first_layer: int, layout: ModelLayout | None) -> ModelLayout | None:
+    """The layout a ``first_layer`` (legacy: MoE layers from there, layer count unknown) means."""
+    from eplb.io.layout import ModelLayout
+
     if first_layer < 0:
         raise InputError(f"--first-layer must be >= 0 (got {first_layer}).")
+    if layout is not None:
+        if first_layer and first_layer != layout.first_moe:
+            raise InputError(
+                f"first_layer {first_layer} contradicts {layout}; give one of them."
+            )
+        return layout
+    if not first_layer:
+        return None
+    return ModelLayout(name=f"--first-layer {first_layer}", first_moe=first_layer)
+
+
+def _read_load_matrix(p: Path) -> npt.NDArray[np.float64]:
     suffix = p.suffix.lower()
     if suffix not in LOAD_SUFFIXES:
         raise InputError(
@@ -160,15 +201,9 @@ def read_load(path: str | Path, *, first_layer: int = 0) -> npt.NDArray[np.float
                 )
     check_numeric(data, p)
     try:
-        load = as_load_matrix(data)
+        return as_load_matrix(data)
     except EplbError as exc:
         raise InputError(f"{p}: {exc}") from None
-    if first_layer >= load.shape[0]:
-        raise InputError(
-            f"{p} has {load.shape[0]} layer rows, not more than --first-layer {first_layer}; pass the "
-            "model layer index of the first MoE layer (3 for DeepSeek-V3), or 0 for MoE layers only."
-        )
-    return load[first_layer:]
 
 
 def read_placement(path: str | Path, *, num_ranks: int, num_logical_experts: int) -> ModelPlacement:

@@ -35,7 +35,16 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from eplb.formats import InputError, check_numeric, np_load, read_json, read_placement, torch_load
+from eplb.formats import (
+    InputError,
+    check_numeric,
+    np_load,
+    read_json,
+    read_placement,
+    resolve_layout,
+    torch_load,
+)
+from eplb.io.layout import ModelLayout, model_rows
 from eplb.ir.errors import EplbError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.serde import dumps, loads
@@ -250,31 +259,54 @@ def format_of(path: str | Path) -> str:
     )
 
 
-def placement_bytes(placement: ModelPlacement, fmt: str, *, first_layer: int = 0) -> bytes:
-    """The file content of ``placement`` in ``fmt`` (see `PLACEMENT_FORMATS`). ``first_layer``:
-    the model layer index of MoE layer 0, for the formats keyed by model layer (sglang, trtllm)."""
+def placement_bytes(
+    placement: ModelPlacement,
+    fmt: str,
+    *,
+    first_layer: int = 0,
+    layout: ModelLayout | None = None,
+    layer_updates_per_iter: int = 0,
+) -> bytes:
+    """The file content of ``placement`` (MoE layers only) in ``fmt`` (see `PLACEMENT_FORMATS`).
+
+    ``layout`` (or ``first_layer``: MoE layers start there): the engine formats number layers by
+    model layer: sglang and pt get SGLang's trivial map for each dense layer before the MoE rows,
+    trtllm keys the MoE layers by model layer index. ir and npy hold the MoE rows as they are.
+    ``layer_updates_per_iter``: TensorRT-LLM's online-EPLB setting (0: static placement).
+    """
+    layout = resolve_layout(first_layer, layout)
+    if layout is not None:
+        layout.check_moe_rows(placement.num_layers, "the placement")
+        layout.check_experts(placement.num_logical_experts, "the placement")
+    dense_rows = layout.first_moe if layout is not None else 0
     if fmt == "ir":
         return dumps(placement).encode()
-    if first_layer < 0:
-        raise InputError(f"first_layer must be >= 0 (got {first_layer}).")
-    if fmt == "sglang":
-        rows = placement.to_lists()
+    if fmt == "trtllm":
+        return dump_trtllm_yaml(
+            placement, first_layer=dense_rows, layer_updates_per_iter=layer_updates_per_iter
+        ).encode()
+    if layer_updates_per_iter:
+        raise InputError(
+            f"layer_updates_per_iter ({layer_updates_per_iter}) is a TensorRT-LLM setting; "
+            f"the {fmt} format has no place for it."
+        )
+    if fmt in ("sglang", "pt"):
         # SGLang's own trivial map for the dense layers (init_trivial: slot p holds p % experts).
         dense = [p % placement.num_logical_experts for p in range(placement.num_physical_experts)]
-        doc = {"physical_to_logical_map": [dense] * first_layer + rows}
-        return (json.dumps(doc) + "\n").encode()
-    if fmt == "trtllm":
-        return dump_trtllm_yaml(placement, first_layer=first_layer).encode()
-    buf = io.BytesIO()
-    if fmt == "npy":
-        np.save(buf, placement.to_numpy(), allow_pickle=False)
-    elif fmt == "pt":
+        rows = [dense] * dense_rows + placement.to_lists()
+        if fmt == "sglang":
+            return (json.dumps({"physical_to_logical_map": rows}) + "\n").encode()
         import torch
 
-        torch.save({"physical_to_logical_map": torch.from_numpy(placement.to_numpy())}, buf)
-    else:
-        raise InputError(f"unknown placement format {fmt!r}; use one of {', '.join(PLACEMENT_FORMATS)}.")
-    return buf.getvalue()
+        buf = io.BytesIO()
+        table = torch.tensor(rows, dtype=torch.int64)
+        torch.save({"physical_to_logical_map": table}, buf)
+        return buf.getvalue()
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, placement.to_numpy(), allow_pickle=False)
+        return buf.getvalue()
+    raise InputError(f"unknown placement format {fmt!r}; use one of {', '.join(PLACEMENT_FORMATS)}.")
 
 
 def read_any_placement(
@@ -283,30 +315,42 @@ def read_any_placement(
     num_ranks: int | None = None,
     num_logical_experts: int | None = None,
     first_layer: int = 0,
+    layout: ModelLayout | None = None,
 ) -> ModelPlacement:
-    """A placement from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed unless it is IR JSON.
+    """A placement (MoE layers only) from any `PLACEMENT_FORMATS` file; ``num_ranks`` is needed
+    unless it is IR JSON.
 
-    ``first_layer``: SGLang maps (``.sglang.json``, ``.pt``) have a row per model layer; the first
-    ``first_layer`` (dense) rows are dropped. TensorRT-LLM's YAML names its layers, so it needs none.
+    ``layout`` (or ``first_layer``): SGLang maps (JSON or ``.pt``) have a row per model layer and
+    lose their dense rows (a map of MoE rows only is taken as it is when the layout's layer count
+    is known); TensorRT-LLM's keys must be the layout's MoE layers; IR and ``.npy`` hold MoE rows.
     """
-    placement = _read_any_placement(Path(path), num_ranks, num_logical_experts)
-    if first_layer < 0:
-        raise InputError(f"--first-layer must be >= 0 (got {first_layer}).")
-    if not first_layer or format_of(path) not in ("sglang", "pt"):
+    layout = resolve_layout(first_layer, layout)
+    p = Path(path)
+    placement, kind, first_key = _read_any_placement(p, num_ranks, num_logical_experts)
+    if layout is None:
         return placement
-    if placement.num_layers <= first_layer:
+    if kind == "sglang":
+        rows = model_rows(layout, placement.num_layers, str(p))
+        if rows.start:
+            placement = ModelPlacement.from_lists(
+                placement.to_lists()[rows.start :],
+                num_ranks=placement.num_ranks,
+                num_logical_experts=placement.num_logical_experts,
+            )
+    elif kind == "trtllm" and first_key != layout.first_moe:
         raise InputError(
-            f"{path} has {placement.num_layers} layer rows, not more than --first-layer {first_layer}; "
-            "pass the model layer index of the first MoE layer (3 for DeepSeek-V3)."
+            f"{p}: its layers start at model layer {first_key}, but {layout} has its first MoE layer "
+            f"at {layout.first_moe}; pass the layout of the model it was written for."
         )
-    return ModelPlacement.from_lists(
-        placement.to_lists()[first_layer:],
-        num_ranks=placement.num_ranks,
-        num_logical_experts=placement.num_logical_experts,
-    )
+    layout.check_moe_rows(placement.num_layers, str(p))
+    layout.check_experts(placement.num_logical_experts, str(p))
+    return placement
 
 
-def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: int | None) -> ModelPlacement:
+def _read_any_placement(
+    path: Path, num_ranks: int | None, num_logical_experts: int | None
+) -> tuple[ModelPlacement, str, int]:
+    """``(placement, kind, first key)``: kind ``ir`` / ``sglang`` / ``trtllm`` / ``npy`` by content."""
     p = path
     _need_file(p)
     fmt = format_of(p)
@@ -314,12 +358,13 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
         doc = read_json(p)
         if isinstance(doc, dict) and doc.get("type") == "model_placement":
             try:
-                return loads(json.dumps(doc), ModelPlacement)
+                return loads(json.dumps(doc), ModelPlacement), "ir", 0
             except EplbError as exc:
                 raise InputError(f"{p}: {str(exc).splitlines()[0]}") from None
     ranks = _need_ranks(p, num_ranks)
     if fmt == "trtllm":
-        return read_trtllm_yaml(p, num_ranks=ranks).placement
+        cfg = read_trtllm_yaml(p, num_ranks=ranks)
+        return cfg.placement, "trtllm", cfg.first_layer
     if fmt == "npy":
         arr = np_load(p)
         if not isinstance(arr, np.ndarray):
@@ -331,11 +376,12 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
         if num_logical_experts is None:
             num_logical_experts = _expert_count(arr)
         try:
-            return ModelPlacement.from_lists(
+            placement = ModelPlacement.from_lists(
                 arr.tolist(), num_ranks=ranks, num_logical_experts=num_logical_experts
             )
         except EplbError as exc:
             raise InputError(f"{p}: {str(exc).splitlines()[0]}") from None
+        return placement, "npy", 0
     if num_logical_experts is None:
         doc = read_json(p) if fmt != "pt" else torch_load(p)
         rows = doc.get("physical_to_logical_map") if isinstance(doc, dict) else None
@@ -347,7 +393,8 @@ def _read_any_placement(path: Path, num_ranks: int | None, num_logical_experts: 
         flat = [v for row in ids if isinstance(row, list) for v in row] if isinstance(ids, list) else []
         ints = [v for v in flat if isinstance(v, int) and not isinstance(v, bool)]
         num_logical_experts = _expert_count(np.asarray(ints, dtype=np.int64))
-    return read_placement(p, num_ranks=ranks, num_logical_experts=num_logical_experts)
+    placement = read_placement(p, num_ranks=ranks, num_logical_experts=num_logical_experts)
+    return placement, "sglang", 0
 
 
 def _expert_count(ids: npt.NDArray[Any]) -> int:

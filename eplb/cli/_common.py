@@ -6,11 +6,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from eplb.formats import InputError
 from eplb.ir.errors import PlanError, SerdeError
 from eplb.ir.serde import loads
+
+if TYPE_CHECKING:
+    from eplb.io.layout import ModelLayout
 
 # Bad command-line input: the message names the problem and the fix (exit status 2). One class
 # with the file-format errors of eplb.formats, which the CLI reports the same way.
@@ -80,6 +83,91 @@ def _check_folder(folder: Path, target: Path) -> None:
     os.unlink(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it by setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def check_not_input(out: str | os.PathLike[str], inputs: dict[str, Any], option: str = "--out") -> None:
+    """Refuse an output path that is one of the command's inputs (``{option: path}``): writing it
+    would replace the input."""
+    target = Path(out)
+    for name, path in inputs.items():
+        if path is None or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            continue
+        src = Path(path)
+        same = (
+            os.path.samefile(src, target)
+            if src.exists() and target.exists()
+            else src.resolve() == target.resolve()
+        )
+        if same:
+            raise CliError(
+                f"{option} {target} is also {name}; writing it would replace that input. Name another file."
+            )
+
+
+def output_format(out: str, fmt: str | None, allowed: tuple[str, ...], option: str = "--format") -> str:
+    """The placement format to write: ``fmt`` if given, else the one ``out``'s extension implies;
+    an extension that implies another format than ``fmt`` is refused."""
+    from eplb.interop import format_of
+
+    try:
+        implied: str | None = format_of(out)
+    except InputError:
+        implied = None
+    if fmt is None:
+        if implied is None or implied not in allowed:
+            raise CliError(
+                f"--out {out}: cannot tell the format from its extension; pass {option} "
+                f"({', '.join(allowed)}) or name it .json, .sglang.json, .yaml, .npy or .pt."
+            )
+        return implied
+    json_formats = ("ir", "sglang")  # both are JSON: a .json name fits either
+    fits = implied is None or implied == fmt or (implied in json_formats and fmt in json_formats)
+    if not fits:
+        raise CliError(
+            f"--out {out} names a {implied} file but {option} is {fmt}; make them agree (rename the file "
+            f"or change {option})."
+        )
+    return fmt
+
+
+def add_layout_options(p: Any, what: str = "files") -> None:
+    """``--model`` / ``--moe-layers`` / ``--first-layer``: which model layers are MoE layers."""
+    from eplb.io.layout import MODEL_LAYOUTS
+
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--model",
+        help=f"model whose layer numbering the {what} use: {', '.join(MODEL_LAYOUTS)}",
+    )
+    g.add_argument(
+        "--moe-layers",
+        metavar="FIRST-LAST",
+        help="model layer indices of the MoE layers, e.g. 3-60 for a 61-layer model with 3 dense layers",
+    )
+    g.add_argument(
+        "--first-layer",
+        type=int,
+        default=0,
+        help="model layer index of the first MoE layer, the model's layer count unknown (prefer "
+        "--model or --moe-layers, which also accept MoE-only files)",
+    )
+
+
+def layout_from_args(args: Any) -> ModelLayout | None:
+    from eplb.formats import resolve_layout
+    from eplb.io.layout import layout_named, parse_moe_layers
+
+    if getattr(args, "model", None):
+        return layout_named(args.model)
+    if getattr(args, "moe_layers", None):
+        return parse_moe_layers(args.moe_layers)
+    return resolve_layout(getattr(args, "first_layer", 0) or 0, None)
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` all at once: a failure leaves no partial file behind."""
     target = Path(path)
@@ -92,6 +180,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a new file gets the umask's mode
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
         os.replace(tmp, target)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb.cli._common import CliError, first_problem
+from eplb.cli._common import CliError, add_layout_options, first_problem
 
 __all__ = ["diff_placements", "diff_schedules", "register", "run"]
 
@@ -39,6 +39,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="EP ranks, for placement files that do not record it (SGLang, TensorRT-LLM, .npy)",
     )
+    add_layout_options(p, "placement files")
     p.add_argument(
         "--all", action="store_true", help="print every layer and rank, not only those that differ"
     )
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _read(path: str, num_ranks: int | None) -> tuple[str, Any]:
+def _read(path: str, num_ranks: int | None, layout: Any = None) -> tuple[str, Any]:
     """``("placement" | "schedule", value)``; a MigrationPlan counts as a schedule-less plan."""
     from eplb.interop import read_any_placement
     from eplb.ir.errors import SerdeError
@@ -76,7 +77,7 @@ def _read(path: str, num_ranks: int | None) -> tuple[str, Any]:
             return ("schedule" if isinstance(value, Schedule) else "plan"), value
         if kind is not None and kind != "model_placement":
             raise CliError(f"{p} is a {kind!r} document; diff compares placements, plans or schedules.")
-    value = read_any_placement(p, num_ranks=num_ranks)
+    value = read_any_placement(p, num_ranks=num_ranks, layout=layout)
     assert isinstance(value, ModelPlacement)
     return "placement", value
 
@@ -97,7 +98,12 @@ def _same_shape(a: Any, b: Any, what: str) -> None:
         if x != y:
             raise CliError(
                 f"{what} differ in {name}: A has {x}, B has {y}; diff compares {what} of one model on one "
-                "cluster (pass --ranks if a file does not record its rank count)."
+                "cluster (pass --ranks if a file does not record its rank count"
+                + (
+                    ", and --model or --moe-layers when one has a row per model layer, e.g. an SGLang map)."
+                    if name == "num_layers"
+                    else ")."
+                )
             )
 
 
@@ -247,16 +253,18 @@ def _differs(row: dict[str, Any]) -> bool:
 def run(args: argparse.Namespace) -> int:
     if args.ranks is not None and args.ranks <= 0:
         raise CliError(f"--ranks must be > 0 (got {args.ranks}).")
+    from eplb.cli._common import layout_from_args
     from eplb.interop import RanksNeededError
 
+    layout = layout_from_args(args)
     try:
-        kind_a, a = _read(args.a, args.ranks)
+        kind_a, a = _read(args.a, args.ranks, layout)
     except RanksNeededError:
         # B may record the rank count (eplb IR JSON); A was made for the same cluster.
-        kind_b, b = _read(args.b, args.ranks)
-        kind_a, a = _read(args.a, _num_ranks(b))
+        kind_b, b = _read(args.b, args.ranks, layout)
+        kind_a, a = _read(args.a, _num_ranks(b), layout)
     else:
-        kind_b, b = _read(args.b, args.ranks if args.ranks is not None else _num_ranks(a))
+        kind_b, b = _read(args.b, args.ranks if args.ranks is not None else _num_ranks(a), layout)
     if (kind_a == "placement") != (kind_b == "placement"):
         raise CliError(f"{args.a} is a {kind_a} and {args.b} a {kind_b}; diff two placements or two plans.")
     doc = diff_placements(a, b) if kind_a == "placement" else diff_schedules(a, b)

@@ -13,13 +13,17 @@ from typing import Any
 
 from eplb.cli._common import (
     CliError,
+    add_layout_options,
+    check_not_input,
     check_writable,
     first_problem,
+    layout_from_args,
     read_document,
     require_positive,
     write_atomic,
 )
 from eplb.formats import read_json
+from eplb.io.layout import ModelLayout
 from eplb.ir.errors import EplbError, PlanError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.schedule import ScheduleLimits
@@ -59,6 +63,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-peers", type=int, help="peers per rank per round (default: by link class)")
     p.add_argument("--max-ops", type=int, default=256, help="transfer ops per rank per group (default 256)")
     p.add_argument("--staging-bytes", type=int, help="staging memory per rank (default: one layer)")
+    p.add_argument(
+        "--slots", type=int, help="physical expert slots per layer (with --current trivial --load)"
+    )
+    add_layout_options(p, "placement and load files")
     p.add_argument("--out", required=True, help="where to write the schedule JSON")
     p.set_defaults(func=run)
 
@@ -75,14 +83,31 @@ def run(args: argparse.Namespace) -> int:
     if args.policy is not None and args.load is None:
         raise CliError("--policy picks the target for --load; drop it, or pass --load instead of --target.")
     check_writable(args.out)
+    inputs = {"--current": args.current, "--target": args.target, "--load": args.load}
+    check_not_input(args.out, {**inputs, "--topology": args.topology})
+    if Path(args.out).suffix.lower() in (".npy", ".pt", ".yaml", ".yml"):
+        raise CliError(f"--out {args.out}: a schedule is eplb IR JSON; name the file .json.")
+    require_positive("--slots", args.slots)
+    args.layout = layout_from_args(args)
     topology = _read_topology(args.topology) if args.topology else None
     current, target = _read_placements(args, topology)
     shape = target or current
     if topology is None:
         if shape is None:
-            raise CliError("--current trivial with --load needs --topology to know the slots per rank.")
-        ranks = args.ranks or max(p.num_ranks for p in (current, target) if p is not None)
-        topology = Topology.uniform(ranks, shape.slots_per_rank, args.nodes or 1)
+            if args.slots is None or args.ranks is None:
+                raise CliError(
+                    "--current trivial with --load needs --ranks and --slots (or --topology) to know "
+                    "the slots per rank."
+                )
+            if args.slots % args.ranks:
+                raise CliError(
+                    f"--slots ({args.slots}) must be a multiple of --ranks ({args.ranks}); "
+                    f"use {args.slots - args.slots % args.ranks or args.ranks}."
+                )
+            topology = Topology.uniform(args.ranks, args.slots // args.ranks, args.nodes or 1)
+        else:
+            ranks = args.ranks or max(p.num_ranks for p in (current, target) if p is not None)
+            topology = Topology.uniform(ranks, shape.slots_per_rank, args.nodes or 1)
     if target is None:
         target = _target_from_load(args, topology, current)
     if current is None:
@@ -96,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         plan = compile_plan(current, target, topology, args.expert_bytes)
     except EplbError as exc:
         reason = str(exc).splitlines()[0].rstrip(".")
+        if current.num_layers != target.num_layers:
+            reason += " (an SGLang map has a row per model layer: pass --model or --moe-layers)"
         raise CliError(
             f"cannot plan {args.current} -> {args.target or args.load}: {reason}; pass placements of one "
             "model for one cluster."
@@ -139,7 +166,7 @@ def _read_placements(
     for i, path in enumerate(paths):
         if path is not None:
             try:
-                out[i] = _read_placement(path, topology, ranks)
+                out[i] = _read_placement(path, topology, ranks, args.layout)
             except RanksNeededError:
                 pending.append(i)
     for i in pending:
@@ -148,17 +175,19 @@ def _read_placements(
             raise CliError(
                 f"{paths[i]} does not record the rank count; pass --ranks (the EP size it was made for)."
             )
-        out[i] = _read_placement(str(paths[i]), topology, known)
+        out[i] = _read_placement(str(paths[i]), topology, known, args.layout)
     return out[0], out[1]
 
 
-def _read_placement(path: str, topology: Topology | None, num_ranks: int | None) -> ModelPlacement:
+def _read_placement(
+    path: str, topology: Topology | None, num_ranks: int | None, layout: ModelLayout | None
+) -> ModelPlacement:
     """Any placement file `eplb.interop.read_any_placement` reads, or a ``[layers][slots]`` JSON list."""
     from eplb.interop import read_any_placement
 
     doc = read_json(Path(path)) if path.lower().endswith(".json") else None
     if not isinstance(doc, list):
-        return read_any_placement(path, num_ranks=num_ranks)
+        return read_any_placement(path, num_ranks=num_ranks, layout=layout)
     if topology is None:
         raise CliError(f"{path} is a bare list of slots: pass --topology so the rank count is known.")
     slots = len(doc[0]) if doc and isinstance(doc[0], list) else 0
@@ -177,7 +206,7 @@ def _target_from_load(
     formats = _optional("eplb.formats")
     reader = getattr(formats, "read_load", None)
     if reader is not None:
-        load = reader(args.load)
+        load = reader(args.load, layout=args.layout)
     else:
         import numpy as np
 

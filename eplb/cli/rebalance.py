@@ -9,9 +9,20 @@ import argparse
 import sys
 from typing import Any
 
-from eplb.cli._common import CliError, check_writable, require_positive, write_atomic
-from eplb.formats import read_load
+from eplb.cli._common import (
+    CliError,
+    add_layout_options,
+    check_not_input,
+    check_writable,
+    layout_from_args,
+    output_format,
+    require_positive,
+    write_atomic,
+)
+from eplb.formats import read_load_rows
 from eplb.interop import PLACEMENT_FORMATS, placement_bytes, read_any_placement
+from eplb.io.layout import ModelLayout
+from eplb.ir.placement import ModelPlacement
 from eplb.planner.metrics import summarize
 from eplb.planner.policies import available_policies
 from eplb.planner.rebalance import make_topology, rebalance
@@ -50,8 +61,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--current",
-        help="placement in force (eplb IR JSON, SGLang, TensorRT-LLM YAML, .npy, .pt): plan few moves "
-        "from it",
+        help="placement in force (eplb IR JSON, SGLang, TensorRT-LLM YAML, .npy, .pt, or 'trivial': "
+        "slot p holds expert p %% experts): plan few moves from it",
     )
     p.add_argument(
         "--tolerance",
@@ -70,17 +81,17 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--format",
         choices=PLACEMENT_FORMATS,
-        default="ir",
-        help="output file format (default ir): sglang for --init-expert-location, trtllm for "
-        "TensorRT-LLM's load-balancer YAML",
+        default=None,
+        help="output file format (default: from --out's extension: .json ir, .sglang.json sglang, "
+        ".yaml trtllm, .npy, .pt): sglang for --init-expert-location, trtllm for TensorRT-LLM's "
+        "load-balancer YAML",
     )
+    add_layout_options(p, "load, --current and engine output")
     p.add_argument(
-        "--first-layer",
+        "--layer-updates-per-iter",
         type=int,
         default=0,
-        help="model layer index of the first MoE layer (3 for DeepSeek-V3; default 0), for files "
-        "with a row per model layer: an SGLang dump as --load and SGLang maps as --current lose "
-        "that many leading rows, and sglang/trtllm output is numbered by model layer",
+        help="trtllm output: TensorRT-LLM's layer_updates_per_iter (0, the default: static placement)",
     )
     p.add_argument("--out", required=True, help="output placement file")
     p.set_defaults(func=run)
@@ -90,17 +101,28 @@ def run(args: argparse.Namespace) -> int:
     for option in ("ranks", "slots", "nodes", "groups", "expert_bytes"):
         require_positive("--" + option.replace("_", "-"), getattr(args, option))
     check_writable(args.out)
-    if args.first_layer < 0:
-        raise CliError(f"--first-layer must be >= 0 (got {args.first_layer}).")
-    load = read_load(args.load, first_layer=args.first_layer)
+    check_not_input(args.out, {"--load": args.load, "--current": args.current})
+    fmt = output_format(args.out, args.format, PLACEMENT_FORMATS)
+    if args.layer_updates_per_iter < 0:
+        raise CliError(f"--layer-updates-per-iter must be >= 0 (got {args.layer_updates_per_iter}).")
+    if args.layer_updates_per_iter and fmt != "trtllm":
+        raise CliError(
+            "--layer-updates-per-iter is written to TensorRT-LLM's YAML only; pass --format trtllm."
+        )
+    layout = layout_from_args(args)
+    load, rows = read_load_rows(args.load, layout=layout)
     topology = make_topology(args.ranks, args.slots, args.nodes)
     current = None
-    if args.current:
-        current = read_any_placement(
-            args.current,
-            num_ranks=args.ranks,
+    if args.current == "trivial":
+        current = ModelPlacement.trivial(
+            num_layers=load.shape[0],
             num_logical_experts=load.shape[1],
-            first_layer=args.first_layer,
+            num_physical_experts=args.slots,
+            num_ranks=args.ranks,
+        )
+    elif args.current:
+        current = read_any_placement(
+            args.current, num_ranks=args.ranks, num_logical_experts=load.shape[1], layout=layout
         )
         if (current.num_ranks, current.num_physical_experts) != (args.ranks, args.slots):
             raise CliError(
@@ -122,13 +144,26 @@ def run(args: argparse.Namespace) -> int:
         options["hierarchical"] = False
     target = rebalance(load, topology, num_groups=args.groups, current=current, policy=policy, **options)
     m = summarize(load, target, current=current, expert_bytes=args.expert_bytes)
-    write_atomic(args.out, placement_bytes(target, args.format, first_layer=args.first_layer))
+    data = placement_bytes(
+        target, fmt, layout=layout, layer_updates_per_iter=args.layer_updates_per_iter
+    )
+    write_atomic(args.out, data)
     print(f"policy              {policy}")
+    if rows.note:
+        print(f"load rows           {rows.note}")
     print(
         f"shape               {load.shape[0]} layers x {load.shape[1]} experts -> {args.slots} slots on "
         f"{args.ranks} ranks, {args.nodes} node(s), {args.groups} group(s)"
     )
     for line in m.lines():
         print(line)
-    print(f"wrote               {args.out} ({args.format})", file=sys.stdout)
+    numbering = _numbering(fmt, layout, target.num_layers)
+    print(f"wrote               {args.out} ({fmt}{numbering})", file=sys.stdout)
     return 0
+
+
+def _numbering(fmt: str, layout: ModelLayout | None, num_moe_layers: int) -> str:
+    if fmt in ("ir", "npy") or layout is None or not layout.first_moe:
+        return ""
+    k = layout.first_moe
+    return f", MoE layers as model layers {k}-{k + num_moe_layers - 1}"
