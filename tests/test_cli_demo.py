@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import eplb.cli
-from eplb.interop import read_any_placement
+from eplb.io import read_any_placement
 from eplb.ir import ModelPlacement, Schedule
 from eplb.ir.serde import loads
 from eplb.planner.verify import verify

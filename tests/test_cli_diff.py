@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import eplb.cli
-from eplb.interop import placement_bytes
+from eplb.io import placement_bytes
 from eplb.ir import ModelPlacement, Topology
 from eplb.ir.serde import dumps
 from eplb.planner.compile import compile_plan

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import eplb.cli
-from eplb.interop import trace_bytes
+from eplb.io import trace_bytes
 
 
 def _trace(windows: int = 4) -> np.ndarray:

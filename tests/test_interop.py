@@ -18,7 +18,7 @@ from eplb.examples_data import (
     load_example,
     trivial_imbalance,
 )
-from eplb.interop import (
+from eplb.io import (
     PLACEMENT_FORMATS,
     RanksNeededError,
     dump_trtllm_yaml,

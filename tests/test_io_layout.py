@@ -16,8 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eplb.cli import main
-from eplb.formats import InputError, read_load, read_load_rows
-from eplb.interop import PLACEMENT_FORMATS, format_of, placement_bytes, read_any_placement
+from eplb.io import (
+    PLACEMENT_FORMATS,
+    InputError,
+    format_of,
+    placement_bytes,
+    read_any_placement,
+    read_load,
+    read_load_file,
+)
 from eplb.io.layout import MODEL_LAYOUTS, ModelLayout, layout_named, parse_moe_layers
 from eplb.ir import ModelPlacement
 from tests.strategies import model_placements
@@ -103,11 +110,11 @@ def test_a_58_and_a_61_row_load_read_the_same(tmp_path: Path) -> None:
     np.save(tmp_path / "moe.npy", _moe_load())
     np.save(tmp_path / "model.npy", _model_load())
     layout = parse_moe_layers("3-6")
-    moe, rows_moe = read_load_rows(tmp_path / "moe.npy", layout=layout)
-    full, rows_full = read_load_rows(tmp_path / "model.npy", layout=layout)
-    np.testing.assert_array_equal(moe, full)
-    assert rows_moe.note is None
-    assert rows_full.note == "model layers 0-2 dense (no load), dropped"
+    moe = read_load_file(tmp_path / "moe.npy", layout=layout)
+    full = read_load_file(tmp_path / "model.npy", layout=layout)
+    np.testing.assert_array_equal(moe.load, full.load)
+    assert moe.notes == ()
+    assert full.notes == ("model layers 0-2 dense (no load), dropped",)
 
 
 def test_rows_that_fit_no_layout_count_are_refused(tmp_path: Path) -> None:

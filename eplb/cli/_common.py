@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from eplb.formats import InputError
+from eplb.io.errors import InputError
 from eplb.ir.errors import PlanError, SerdeError
 from eplb.ir.serde import loads
 
@@ -111,7 +111,7 @@ def check_not_input(out: str | os.PathLike[str], inputs: dict[str, Any], option:
 def output_format(out: str, fmt: str | None, allowed: tuple[str, ...], option: str = "--format") -> str:
     """The placement format to write: ``fmt`` if given, else the one ``out``'s extension implies;
     an extension that implies another format than ``fmt`` is refused."""
-    from eplb.interop import format_of
+    from eplb.io import format_of
 
     try:
         implied: str | None = format_of(out)
@@ -158,7 +158,7 @@ def add_layout_options(p: Any, what: str = "files") -> None:
 
 
 def layout_from_args(args: Any) -> ModelLayout | None:
-    from eplb.formats import resolve_layout
+    from eplb.io import resolve_layout
     from eplb.io.layout import layout_named, parse_moe_layers
 
     if getattr(args, "model", None):

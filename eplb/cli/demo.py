@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--executor picks the backend of the execution that --no-execute skips; drop one.")
 
     from eplb.examples_data import load_example
-    from eplb.interop import placement_bytes
+    from eplb.io import placement_bytes
     from eplb.ir.serde import dumps
     from eplb.planner.metrics import model_balancedness, summarize
     from eplb.planner.rebalance import rebalance

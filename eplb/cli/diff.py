@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
 
 def _read(path: str, num_ranks: int | None, layout: Any = None) -> tuple[str, Any]:
     """``("placement" | "schedule", value)``; a MigrationPlan counts as a schedule-less plan."""
-    from eplb.interop import read_any_placement
+    from eplb.io import read_any_placement
     from eplb.ir.errors import SerdeError
     from eplb.ir.placement import ModelPlacement
     from eplb.ir.schedule import Schedule
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks is not None and args.ranks <= 0:
         raise CliError(f"--ranks must be > 0 (got {args.ranks}).")
     from eplb.cli._common import layout_from_args
-    from eplb.interop import RanksNeededError
+    from eplb.io import RanksNeededError
 
     layout = layout_from_args(args)
     try:

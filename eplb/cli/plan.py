@@ -7,7 +7,6 @@ Writes the `Schedule` (which embeds its `MigrationPlan`) as JSON; ``eplb inspect
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from eplb.cli._common import (
     require_positive,
     write_atomic,
 )
-from eplb.formats import read_json
+from eplb.io._raw import read_json
 from eplb.io.layout import ModelLayout
 from eplb.ir.errors import EplbError, PlanError
 from eplb.ir.placement import ModelPlacement
@@ -157,7 +156,7 @@ def _read_placements(
 ) -> tuple[ModelPlacement | None, ModelPlacement | None]:
     """``(current, target)``; a file that does not record its rank count (SGLang, TensorRT-LLM,
     .npy) takes it from --ranks, --topology or the other file."""
-    from eplb.interop import RanksNeededError
+    from eplb.io import RanksNeededError
 
     paths = [None if args.current == "trivial" else args.current, args.target]
     ranks = args.ranks if args.ranks is not None else (topology.num_ranks if topology else None)
@@ -182,8 +181,8 @@ def _read_placements(
 def _read_placement(
     path: str, topology: Topology | None, num_ranks: int | None, layout: ModelLayout | None
 ) -> ModelPlacement:
-    """Any placement file `eplb.interop.read_any_placement` reads, or a ``[layers][slots]`` JSON list."""
-    from eplb.interop import read_any_placement
+    """Any placement file `eplb.io.read_any_placement` reads, or a ``[layers][slots]`` JSON list."""
+    from eplb.io import read_any_placement
 
     doc = read_json(Path(path)) if path.lower().endswith(".json") else None
     if not isinstance(doc, list):
@@ -200,25 +199,12 @@ def _read_placement(
 def _target_from_load(
     args: argparse.Namespace, topology: Topology, current: ModelPlacement | None
 ) -> ModelPlacement:
-    rebalance_mod = _optional("eplb.planner.rebalance")
-    if rebalance_mod is None:
-        raise CliError("--load needs eplb.planner.rebalance, which this build lacks; pass --target instead.")
-    formats = _optional("eplb.formats")
-    reader = getattr(formats, "read_load", None)
-    if reader is not None:
-        load = reader(args.load, layout=args.layout)
-    else:
-        import numpy as np
+    from eplb.io import read_load
+    from eplb.planner.rebalance import rebalance
 
-        load = np.load(args.load) if args.load.endswith(".npy") else np.asarray(read_json(Path(args.load)))
-    target = rebalance_mod.rebalance(load, topology, current=current, policy=args.policy)
+    load = read_load(args.load, layout=args.layout)
+    target = rebalance(load, topology, current=current, policy=args.policy)
     if not isinstance(target, ModelPlacement):
         raise CliError(f"policy {args.policy!r} returned {type(target).__name__}, not a ModelPlacement.")
     return target
 
-
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None

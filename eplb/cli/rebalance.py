@@ -19,8 +19,7 @@ from eplb.cli._common import (
     require_positive,
     write_atomic,
 )
-from eplb.formats import read_load_rows
-from eplb.interop import PLACEMENT_FORMATS, placement_bytes, read_any_placement
+from eplb.io import PLACEMENT_FORMATS, placement_bytes, read_any_placement, read_load_file
 from eplb.io.layout import ModelLayout
 from eplb.ir.placement import ModelPlacement
 from eplb.planner.metrics import summarize
@@ -110,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             "--layer-updates-per-iter is written to TensorRT-LLM's YAML only; pass --format trtllm."
         )
     layout = layout_from_args(args)
-    load, rows = read_load_rows(args.load, layout=layout)
+    found = read_load_file(args.load, layout=layout)
+    load = found.load
     topology = make_topology(args.ranks, args.slots, args.nodes)
     current = None
     if args.current == "trivial":
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     )
     write_atomic(args.out, data)
     print(f"policy              {policy}")
-    if rows.note:
-        print(f"load rows           {rows.note}")
+    for note in found.notes:
+        print(f"load                {note}")
     print(
         f"shape               {load.shape[0]} layers x {load.shape[1]} experts -> {args.slots} slots on "
         f"{args.ranks} ranks, {args.nodes} node(s), {args.groups} group(s)"

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from eplb.cli._common import CliError, check_writable, require_positive, write_atomic
+from eplb.cli._common import (
+    CliError,
+    add_layout_options,
+    check_not_input,
+    check_writable,
+    layout_from_args,
+    require_positive,
+    write_atomic,
+)
 
 __all__ = ["register", "run", "simulate"]
 
@@ -63,6 +71,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="bytes per expert for bytes moved (default 44100000, a DeepSeek-V3 fp8 expert)",
     )
+    add_layout_options(p, "trace")
     p.add_argument("--plot", help="draw balancedness over time to this .png (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -157,12 +166,13 @@ def _check_plot(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eplb.interop import read_trace
+    from eplb.io import read_trace_file
     from eplb.planner.rebalance import make_topology
 
     for option in ("every", "window_steps", "ranks", "slots", "nodes", "groups", "expert_bytes"):
         require_positive("--" + option.replace("_", "-"), getattr(args, option))
     if args.plot:
+        check_not_input(args.plot, {"--load": args.load}, "--plot")
         _check_plot(args.plot)  # before the work, so a missing matplotlib costs nothing
     policies = args.policies or ["balanced", "migration_aware"]
     if len(set(policies)) != len(policies):
@@ -184,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(
                 "--load needs --ranks and --slots (the cluster to replay it on), e.g. --ranks 32 --slots 288."
             )
-        trace = read_trace(args.load, window_steps=args.window_steps)
+        found = read_trace_file(args.load, window_steps=args.window_steps, layout=layout_from_args(args))
+        for note in found.notes:
+            print(f"read {args.load}: {note}", file=sys.stderr)
+        trace = found.trace
         ranks, slots = args.ranks, args.slots
         nodes = 1 if args.nodes is None else args.nodes
         groups = 1 if args.groups is None else args.groups

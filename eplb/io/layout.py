@@ -20,16 +20,18 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from eplb.formats import InputError
+from eplb.io.errors import InputError
 
 __all__ = [
     "MODEL_LAYOUTS",
     "ModelLayout",
     "RowMap",
+    "keyed_layers",
     "layout_named",
     "load_rows",
     "model_rows",
     "parse_moe_layers",
+    "resolve_layout",
 ]
 
 
@@ -158,6 +160,36 @@ MODEL_LAYOUTS: dict[str, ModelLayout] = {
     name: ModelLayout(name=name, num_layers=n, first_moe=k, num_logical_experts=e)
     for name, (n, k, e) in _M.items()
 }
+
+
+def resolve_layout(first_layer: int, layout: ModelLayout | None) -> ModelLayout | None:
+    """The layout to use: ``layout``, or the one ``first_layer`` means (MoE layers from there, the
+    layer count unknown); None for neither."""
+    if first_layer < 0:
+        raise InputError(f"--first-layer must be >= 0 (got {first_layer}).")
+    if layout is not None:
+        if first_layer and first_layer != layout.first_moe:
+            raise InputError(f"first_layer {first_layer} contradicts {layout}; give one of them.")
+        return layout
+    if not first_layer:
+        return None
+    return ModelLayout(name=f"--first-layer {first_layer}", first_moe=first_layer)
+
+
+def keyed_layers(layout: ModelLayout | None, layers: tuple[int, ...], source: str) -> None:
+    """Files keyed by model layer (TensorRT-LLM) must name the layout's MoE layers."""
+    if layout is None or not layers:
+        return
+    want = (
+        tuple(range(layout.first_moe, layout.num_layers))
+        if layout.num_layers is not None
+        else tuple(range(layout.first_moe, layout.first_moe + len(layers)))
+    )
+    if layers != want:
+        raise InputError(
+            f"{source} names model layers {layers[0]}-{layers[-1]} ({len(layers)} layers), but {layout} "
+            f"has MoE layers {want[0]}-{want[-1]}; pass the layout of the model it was recorded on."
+        )
 
 
 def layout_named(name: str) -> ModelLayout:
