@@ -477,6 +477,78 @@ CASES: dict[str, tuple[Build, str]] = {
         lambda d: simulate(d, "--plot", str(Path(load(d)) / "x.png")),
         r"cannot write .*x.png: .*load.json is a file, not a folder",
     ),
+    # --- score ---------------------------------------------------------------------------------------
+    "score_missing_placement": (
+        lambda d: ["score", "--load", load(d), "--placement", str(d / "nope.json")],
+        r"cannot read .*nope.json: no such file",
+    ),
+    "score_other_model": (
+        lambda d: ["score", "--load", _npy(d, "l3.npy", np.ones((3, 4))), "--placement", cur(d)],
+        r"--placement .*cur.json has 2 layers x 4 experts but --load has 3 x 4",
+    ),
+    "score_ranks_0": (
+        lambda d: ["score", "--load", load(d), "--placement", cur(d), "--ranks", "0"],
+        r"--ranks must be > 0 \(got 0\)",
+    ),
+    "score_sglang_without_ranks": (
+        lambda d: ["score", "--load", load(d), "--placement", _put(d, "c.sglang.json", placement_bytes(CUR, "sglang"))],
+        r"c.sglang.json does not record the rank count; pass --ranks",
+    ),
+    "score_unknown_model": (
+        lambda d: ["score", "--load", load(d), "--placement", cur(d), "--model", "gpt-5"],
+        r"unknown model 'gpt-5'; known: deepseek-v3",
+    ),
+    # --- topology ------------------------------------------------------------------------------------
+    "topology_slots_not_multiple": (
+        lambda d: ["topology", "--ranks", "4", "--slots", "10", "--out", str(d / "t.json")],
+        r"--slots \(10\) must be a multiple of --ranks \(4\); use 8 or 12",
+    ),
+    "topology_nodes_not_dividing": (
+        lambda d: ["topology", "--ranks", "4", "--slots", "8", "--nodes", "3", "--out", str(d / "t.json")],
+        r"--ranks \(4\) must split evenly over --nodes \(3\)",
+    ),
+    "topology_gbps_0": (
+        lambda d: ["topology", "--ranks", "4", "--slots", "8", "--intra-gbps", "0", "--out", str(d / "t.json")],
+        r"--intra-gbps must be > 0 \(got 0\)",
+    ),
+    "topology_out_folder": (
+        lambda d: ["topology", "--ranks", "4", "--slots", "8", "--out", str(d)],
+        r"--out .* is a folder; name a file in it",
+    ),
+    # --- layouts and outputs ---------------------------------------------------------------------------
+    "rebalance_moe_layers_bad": (
+        lambda d: rebalance(d, "--moe-layers", "3..60"),
+        r"--moe-layers '3..60' is not FIRST-LAST",
+    ),
+    "rebalance_rows_not_the_model": (
+        lambda d: rebalance(d, "--moe-layers", "3-60"),
+        r"load.json has 2 layer rows, but --moe-layers 3-60 \(61 model layers, MoE 3-60\) needs 61",
+    ),
+    "rebalance_out_is_load": (
+        lambda d: [*rebalance(d)[:-2], "--out", load(d)],
+        r"--out .*load.json is also --load; writing it would replace that input",
+    ),
+    "rebalance_format_vs_extension": (
+        lambda d: [*rebalance(d)[:-2], "--out", str(d / "p.yaml"), "--format", "sglang"],
+        r"--out .*p.yaml names a trtllm file but --format is sglang",
+    ),
+    "rebalance_updates_negative": (
+        lambda d: [*rebalance(d)[:-2], "--out", str(d / "p.yaml"), "--layer-updates-per-iter", "-1"],
+        r"--layer-updates-per-iter must be >= 0 \(got -1\)",
+    ),
+    "plan_out_is_target": (
+        lambda d: plan(d, target=tgt(d), out=str(d / "tgt.json")),
+        r"--out .*tgt.json is also --target",
+    ),
+    "plan_trivial_load_slots_not_multiple": (
+        lambda d: ["plan", "--current", "trivial", "--load", load(d), "--ranks", "4", "--slots", "6",
+                   "--expert-bytes", "8", "--out", str(d / "s.json")],
+        r"--slots \(6\) must be a multiple of --ranks \(4\); use 4",
+    ),
+    "simulate_plot_is_load": (
+        lambda d: simulate(d, "--plot", trace(d)),
+        r"--plot .*trace.npy is also --load",
+    ),
     # --- demo: option errors only, raised before any work ---------------------------------------------
     "demo_out_is_file": (lambda d: ["demo", "--out", load(d)], r"--out .*load.json is a file; name a folder"),
     "demo_out_under_file": (

@@ -21,6 +21,8 @@ from eplb.ir.errors import EplbError
 SUBCOMMANDS: tuple[str, ...] = (
     "demo",
     "rebalance",
+    "score",
+    "topology",
     "plan",
     "inspect",
     "verify",

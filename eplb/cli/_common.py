@@ -83,6 +83,23 @@ def _check_folder(folder: Path, target: Path) -> None:
     os.unlink(tmp)
 
 
+def human_bytes(n: float) -> str:
+    """``44.1 MB``: decimal units, as bandwidths in GB/s are given."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if abs(n) < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_seconds(t: float) -> str:
+    """``3.21 ms``, ``1.20 s``, ``850 us``."""
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t * 1e6:.3g} us"
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # read it by setting it; restored at once
     os.umask(mask)

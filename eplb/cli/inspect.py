@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from eplb.cli._common import human_bytes, human_seconds
 from eplb.cli.verify import read_schedule
 
 __all__ = ["register", "run", "summary"]
@@ -36,30 +37,44 @@ def summary(sched: Any) -> dict[str, Any]:
         "rounds_lower_bound": sched.rounds_lower_bound,
         "max_staging_bytes_per_rank": sched.staging_bytes_per_rank,
         "predicted_seconds": predict_seconds(sched),
-        "limits": str(sched.limits),
+        "limits": attrs.asdict(sched.limits),
         "layers": [attrs.asdict(row) for row in layer_costs(sched)],
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    doc = summary(read_schedule(args.plan))
+    sched = read_schedule(args.plan)
+    doc = summary(sched)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    cols = [("layer", 5), ("transfers", 9), ("copies", 6), ("GB", 8), ("rounds", 6), ("bound", 5)]
-    cols += [("staging", 7), ("ms", 9)]
+    cols = [("layer", 5), ("transfers", 9), ("copies", 6), ("moved", 9), ("rounds", 6), ("bound", 5)]
+    cols += [("staging", 7), ("time", 9)]
     print(" ".join(f"{name:>{width}}" for name, width in cols))
     for row in doc["layers"]:
         print(
             f"{row['layer']:>5} {row['transfers']:>9} {row['local_copies']:>6} "
-            f"{row['bytes_moved'] / 1e9:>8.3f} "
+            f"{human_bytes(row['bytes_moved']):>9} "
             f"{row['rounds']:>6} {row['rounds_lower_bound']:>5} {row['max_staging_buffers']:>7} "
-            f"{row['predicted_seconds'] * 1e3:>9.3f}"
+            f"{human_seconds(row['predicted_seconds']):>9}"
         )
     print(
-        f"{'total':>5} {doc['transfers']:>9} {doc['local_copies']:>6} {doc['bytes_moved'] / 1e9:>8.3f} "
-        f"{doc['rounds']:>6} {doc['rounds_lower_bound']:>5} {doc['max_staging_bytes_per_rank']:>6}B "
-        f"{doc['predicted_seconds'] * 1e3:>9.3f}"
+        f"{'total':>5} {doc['transfers']:>9} {doc['local_copies']:>6} {human_bytes(doc['bytes_moved']):>9} "
+        f"{doc['rounds']:>6} {doc['rounds_lower_bound']:>5} "
+        f"{human_bytes(doc['max_staging_bytes_per_rank']):>7} "
+        f"{human_seconds(doc['predicted_seconds']):>9}"
     )
-    print(f"staging column: buffers per rank (per layer); total: bytes per rank. {doc['limits']}")
+    lim = sched.limits
+    peers = "all" if lim.max_peers_per_round is None else lim.max_peers_per_round
+    staging = "none" if lim.staging_bytes_per_rank is None else human_bytes(lim.staging_bytes_per_rank)
+    print(
+        "staging column: buffers per rank (per layer); total: bytes per rank. Limits: "
+        f"peers/round {peers}, ops/group {lim.max_ops_per_group}, staging {staging} per rank."
+    )
+    layer_sum = sum(row["predicted_seconds"] for row in doc["layers"])
+    if layer_sum > doc["predicted_seconds"] * (1 + 1e-9):
+        print(
+            f"layers share rounds: the per-layer times add up to {human_seconds(layer_sum)}, more than the "
+            f"total {human_seconds(doc['predicted_seconds'])}, because rounds move several layers at once."
+        )
     return 0

@@ -7,8 +7,11 @@ Writes the `Schedule` (which embeds its `MigrationPlan`) as JSON; ``eplb inspect
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from eplb.cli._common import (
     CliError,
@@ -66,6 +69,7 @@ def register(subparsers: Any) -> None:
         "--slots", type=int, help="physical expert slots per layer (with --current trivial --load)"
     )
     add_layout_options(p, "placement and load files")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     p.add_argument("--out", required=True, help="where to write the schedule JSON")
     p.set_defaults(func=run)
 
@@ -143,6 +147,23 @@ def run(args: argparse.Namespace) -> int:
             reason = reason.replace(name, option)
         raise CliError(f"cannot schedule the migration under these limits: {reason}.") from None
     write_atomic(args.out, dumps(sched))
+    if args.json:
+        from eplb.planner.cost import predict_seconds
+
+        doc = {
+            "wrote": args.out,
+            "layers": plan.num_layers,
+            "ranks": plan.topology.num_ranks,
+            "transfers": plan.transfers,
+            "local_copies": plan.local_copies,
+            "bytes_moved": plan.bytes_moved,
+            "rounds": sched.num_rounds,
+            "rounds_lower_bound": sched.rounds_lower_bound,
+            "predicted_seconds": predict_seconds(sched),
+            "limits": attrs.asdict(sched.limits),
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
     print(f"wrote {args.out}: {sched}")
     return 0
 

@@ -6,8 +6,11 @@ eplb rebalance --load load.json --ranks 32 --slots 288 --nodes 4 --groups 8 --ou
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
+
+import attrs
 
 from eplb.cli._common import (
     CliError,
@@ -92,6 +95,7 @@ def register(subparsers: Any) -> None:
         default=0,
         help="trtllm output: TensorRT-LLM's layer_updates_per_iter (0, the default: static placement)",
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--out", required=True, help="output placement file")
     p.set_defaults(func=run)
 
@@ -148,6 +152,28 @@ def run(args: argparse.Namespace) -> int:
         target, fmt, layout=layout, layer_updates_per_iter=args.layer_updates_per_iter
     )
     write_atomic(args.out, data)
+    now = None if current is None else summarize(load, current)
+    numbering = _numbering(fmt, layout, target.num_layers)
+    if args.json:
+        doc: dict[str, Any] = {
+            "policy": policy,
+            "notes": list(found.notes),
+            "shape": {
+                "layers": load.shape[0],
+                "logical_experts": load.shape[1],
+                "slots": args.slots,
+                "ranks": args.ranks,
+                "nodes": args.nodes,
+                "groups": args.groups,
+            },
+            "target": attrs.asdict(m),
+            "current": None if now is None else attrs.asdict(now),
+            "wrote": args.out,
+            "format": fmt,
+            "first_model_layer": layout.first_moe if layout is not None and fmt not in ("ir", "npy") else 0,
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
     print(f"policy              {policy}")
     for note in found.notes:
         print(f"load                {note}")
@@ -157,7 +183,11 @@ def run(args: argparse.Namespace) -> int:
     )
     for line in m.lines():
         print(line)
-    numbering = _numbering(fmt, layout, target.num_layers)
+    if now is not None:
+        print(
+            f"current             balancedness {now.balancedness:.4f} (model; worst layer "
+            f"{now.min_layer_balancedness:.4f}) under this load"
+        )
     print(f"wrote               {args.out} ({fmt}{numbering})", file=sys.stdout)
     return 0
 

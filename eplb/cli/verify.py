@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -21,6 +22,11 @@ def register(subparsers: Any) -> None:
         "limits, 1 with every violation listed otherwise.",
     )
     p.add_argument("plan", help="schedule JSON written by `eplb plan`")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"ok", "rounds", "transfers", "violations"} (same exit status)',
+    )
     p.set_defaults(func=run)
 
 
@@ -32,10 +38,23 @@ def run(args: argparse.Namespace) -> int:
     from eplb.planner.verify import verify
 
     sched = read_schedule(args.plan)
+    violations: list[str] = []
     try:
         verify(sched)
     except PlanError as exc:
-        print(f"{args.plan}: {exc}", file=sys.stderr)
-        return 1
+        if not args.json:
+            print(f"{args.plan}: {exc}", file=sys.stderr)
+            return 1
+        violations = [str(v) for v in exc.violations] or [exc.summary]
+    if args.json:
+        doc = {
+            "plan": args.plan,
+            "ok": not violations,
+            "rounds": sched.num_rounds,
+            "transfers": sched.plan.transfers,
+            "violations": violations,
+        }
+        print(json.dumps(doc, indent=1))
+        return 1 if violations else 0
     print(f"{args.plan}: OK ({sched.num_rounds} rounds, {sched.plan.transfers} transfers)")
     return 0
