@@ -1,6 +1,9 @@
-"""Draw docs/img/rank_load.png: per-rank load before and after rebalancing the built-in example.
+"""Draw per-rank load before and after rebalancing the built-in example (docs/img/rank_load.png).
 
-    python bench/plot_rank_load.py [--out docs/img/rank_load.png] [--window 7] [--layer L]
+    python bench/plot_rank_load.py [--out PATH] [--window 7] [--layer L]
+
+Writes to ``$TMPDIR/eplb-rank_load.png`` unless ``--out`` is given, so that a run does not replace
+the tracked picture; ``--out docs/img/rank_load.png`` redraws it.
 
 Window ``--window`` of the DeepSeek-V3-shaped example (eplb/data/), on its 32 ranks, the layer with
 the median trivial-placement imbalance unless ``--layer`` is given: rank load under the trivial
@@ -11,6 +14,8 @@ rebalances every window serves). Needs matplotlib (only this script does).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import matplotlib
 
@@ -25,7 +30,12 @@ from eplb.planner.rebalance import rebalance
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/img/rank_load.png")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(tempfile.gettempdir(), "eplb-rank_load.png"),
+        help="PNG to write (default: eplb-rank_load.png in the temporary folder; "
+        "docs/img/rank_load.png redraws the tracked picture)",
+    )
     parser.add_argument("--window", type=int, default=7)
     parser.add_argument("--layer", type=int, default=None)
     args = parser.parse_args()

@@ -31,3 +31,34 @@ def test_run_moves_every_slot_to_its_target(
 ) -> None:
     assert eplb.cli.main(["run", str(plan_file), "--backend", backend, "--timeout", "60"]) == 0
     assert "every slot holds its target expert" in capsys.readouterr().out
+
+
+def test_progress_lines_count_ranks_started_and_rounds_done(capsys: pytest.CaptureFixture[str]) -> None:
+    from eplb.cli._launch import STARTED
+    from eplb.cli.run import _Progress
+
+    progress = _Progress(world=2, rounds=5, after_s=0.0, every_s=0.0)
+    for rank, message in [(0, STARTED), (1, STARTED), (0, "round 3")]:
+        progress(rank, message)
+    progress.line(final=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "eplb run: 1/2 ranks started, 0/5 rounds done",
+        "eplb run: 2/2 ranks started, 0/5 rounds done",
+        "eplb run: 2/2 ranks started, 3/5 rounds done",
+        "eplb run: 2/2 ranks started, 5/5 rounds done",
+    ]
+
+
+def test_run_reports_progress_from_the_ranks(
+    plan_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    import eplb.cli.run as run_mod
+
+    monkeypatch.setattr(run_mod, "_Progress", functools.partial(run_mod._Progress, after_s=0.0, every_s=0.0))
+    assert eplb.cli.main(["run", str(plan_file), "--timeout", "60"]) == 0
+    err = capsys.readouterr().err
+    assert "eplb run: 2/2 ranks started" in err
+    assert "rounds done" in err.splitlines()[-1]

@@ -167,3 +167,27 @@ def test_plot_without_matplotlib_fails_before_work(
     assert eplb.cli.main(argv) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not png.exists()
+
+
+def test_plot_gives_each_policy_one_colour_in_both_panels() -> None:
+    """``static`` never rebalances, so it has no line below: the colours used to shift there."""
+    pytest.importorskip("matplotlib")
+    from eplb.cli.simulate import _figure
+
+    moves = [{"after_window": 0, "bytes_moved": 5e9}, {"after_window": 1, "bytes_moved": 1e9}]
+    doc = {
+        "windows": 3,
+        "every": 1,
+        "source": "t",
+        "policies": {
+            "static": {"balancedness": [0.5, 0.5, 0.5], "rebalances": []},
+            "balanced": {"balancedness": [0.5, 0.9, 0.9], "rebalances": moves},
+            "migration_aware": {"balancedness": [0.5, 0.8, 0.9], "rebalances": moves},
+        },
+    }
+    top, bottom = _figure(doc).axes
+    above = {line.get_label(): line.get_color() for line in top.get_lines()}
+    below = {line.get_label(): line.get_color() for line in bottom.get_lines()}
+    assert set(below) == {"balanced", "migration_aware"}
+    assert all(below[name] == above[name] for name in below)
+    assert len(set(above.values())) == 3

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from eplb.cli._common import CliError, first_problem, require_positive
-from eplb.cli._launch import launch_ranks
+from eplb.cli._common import CliError, first_problem, human_bytes, human_seconds, require_positive
+from eplb.cli._launch import STARTED, default_start_method, launch_ranks
+from eplb.cli._launch import report as report_progress
 
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 MAX_LOCAL_PROCS = 128
@@ -42,6 +45,14 @@ def register(subparsers: Any) -> None:
         "--expert-bytes", type=int, default=None, help="run with experts of this size instead of the plan's"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
+    p.add_argument(
+        "--agree-every-round",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one all-reduce per round so a failing rank stops every rank with its error (default: on "
+        "under torchrun, off for local processes as in eplb demo, where it costs more than the "
+        "transfers; off, a failure shows on the other ranks as a timeout)",
+    )
     p.set_defaults(func=run)
 
 
@@ -118,18 +129,34 @@ def _layout(sched: Any, dtype_name: str) -> Any:
     return tensor_layout(sched.plan.expert_bytes, getattr(torch, dtype_name))
 
 
+def _with_progress(cls: Any) -> Any:
+    """``cls`` reporting each round it begins to the launcher (rank 0 only, through
+    `eplb.cli._launch.report`), by its overridable ``begin_transfers``."""
+
+    class WithProgress(cls):  # type: ignore[misc]  # a class from the registry
+        def begin_transfers(self, ctx: Any) -> None:
+            if ctx.rank == 0:
+                report_progress(0, f"round {ctx.round}")
+            super().begin_transfers(ctx)
+
+    WithProgress.__name__ = WithProgress.__qualname__ = cls.__name__
+    return WithProgress
+
+
 def _rank_main(
-    rank: int, sched: Any, backend: str, dtype_name: str, timeout: float, device: str
+    rank: int, sched: Any, backend: str, dtype_name: str, timeout: float, device: str, agree: bool = True
 ) -> dict[str, Any]:
-    """One rank: synthetic weights, run, check. Returns a picklable summary."""
+    """One rank: synthetic weights, run, check. Returns a picklable summary. The schedule was
+    verified before any rank started, so no rank verifies it again."""
     from eplb.executors import executor_class
     from eplb.executors.synthetic import make_rank_weights, mismatches
 
-    cls = executor_class(backend)
+    cls = _with_progress(executor_class(backend))
     weights = make_rank_weights(
         sched.plan.current, rank, sched.plan.topology.slots_per_rank, _layout(sched, dtype_name), device
     )
-    report = cls(cls.Config(timeout_s=timeout)).run(sched, weights)
+    config = cls.Config(timeout_s=timeout, agree_every_round=agree)
+    report = cls(config).run(sched, weights, verified=True)
     return {
         "rank": rank,
         "report": str(report),
@@ -192,7 +219,8 @@ def _run_torchrun(sched: Any, args: argparse.Namespace) -> int:
             )
         rank = dist.get_rank()
         device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-        out = _rank_main(rank, sched, args.backend, args.dtype, args.timeout, device)
+        agree = args.agree_every_round is not False
+        out = _rank_main(rank, sched, args.backend, args.dtype, args.timeout, device, agree)
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, out)
         return _summarise(sched, args, gathered) if rank == 0 else (1 if out["bad"] else 0)
@@ -200,15 +228,54 @@ def _run_torchrun(sched: Any, args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
+class _Progress:
+    """Progress lines on stderr for runs longer than ``after_s``: ranks started, rounds done."""
+
+    def __init__(self, world: int, rounds: int, after_s: float = 2.0, every_s: float = 1.0) -> None:
+        self.world, self.rounds, self.after_s, self.every_s = world, rounds, after_s, every_s
+        self.started = self.done = 0
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.printed = False
+
+    def __call__(self, rank: int, message: str) -> None:
+        if message == STARTED:
+            self.started += 1
+        elif message.startswith("round "):
+            self.done = int(message.split()[1])
+        now = time.monotonic()
+        if now - self.t0 >= self.after_s and now - self.last >= self.every_s:
+            self.line()
+            self.last = now
+
+    def line(self, final: bool = False) -> None:
+        if final and not self.printed:
+            return
+        done = self.rounds if final else self.done
+        print(
+            f"eplb run: {self.started}/{self.world} ranks started, {done}/{self.rounds} rounds done "
+            f"({time.monotonic() - self.t0:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.printed = True
+
+
 def _run_spawned(sched: Any, args: argparse.Namespace, world: int) -> int:
+    progress = _Progress(world, sched.num_rounds)
+    t0 = time.perf_counter()
     got = launch_ranks(
         _rank_main,
         world,
-        (sched, args.backend, args.dtype, args.timeout, "cpu"),
-        start_method="spawn",
+        (sched, args.backend, args.dtype, args.timeout, "cpu", bool(args.agree_every_round)),
+        start_method=default_start_method(),
         pg_timeout_s=args.timeout * 2,
         deadline_s=args.timeout * 3 + 60,
+        on_progress=progress,
     )
+    seconds = time.perf_counter() - t0
+    if len(got) == world and all(err is None for _, err in got.values()):
+        progress.line(final=True)
     errors = [
         f"rank {r}: {got[r][1]}" if r in got else f"rank {r}: no answer"
         for r in range(world)
@@ -216,10 +283,12 @@ def _run_spawned(sched: Any, args: argparse.Namespace, world: int) -> int:
     ]
     if errors:
         raise CliError("the run failed:\n" + "\n".join(errors))
-    return _summarise(sched, args, [got[r][0] for r in range(world)])
+    return _summarise(sched, args, [got[r][0] for r in range(world)], seconds)
 
 
-def _summarise(sched: Any, args: argparse.Namespace, outs: list[dict[str, Any]]) -> int:
+def _summarise(
+    sched: Any, args: argparse.Namespace, outs: list[dict[str, Any]], seconds: float | None = None
+) -> int:
     bad = [m for o in outs for m in o["bad"]]
     for o in outs:
         print(o["report"])
@@ -227,7 +296,9 @@ def _summarise(sched: Any, args: argparse.Namespace, outs: list[dict[str, Any]])
     verdict = "every slot holds its target expert" if not bad else f"{len(bad)}+ slot(s) WRONG"
     print(
         f"eplb run: {args.backend} on {sched.plan.topology.num_ranks} rank(s), {sched.num_rounds} rounds, "
-        f"{sched.plan.bytes_moved} B moved, slowest rank {slowest * 1e3:.2f} ms: {verdict}"
+        f"{human_bytes(sched.plan.bytes_moved)} moved, slowest rank {human_seconds(slowest)}"
+        + ("" if seconds is None else f", {seconds:.1f} s with the processes' start")
+        + f": {verdict}"
     )
     for line in bad[:10]:
         print(f"  {line}")

@@ -273,9 +273,10 @@ def _print(doc: dict[str, Any]) -> None:
         print(f"\nwrote {doc['plot']}")
 
 
-def _plot(doc: dict[str, Any]) -> bytes:
-    import io
-
+def _figure(doc: dict[str, Any]) -> Any:
+    """Balancedness over windows above, bytes moved per rebalance below; one colour per policy in
+    both panels (a policy that never moves anything has no line below, which would otherwise shift
+    the colour cycle there)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -283,11 +284,14 @@ def _plot(doc: dict[str, Any]) -> bytes:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     windows = range(doc["windows"])
-    for name, tl in doc["policies"].items():
-        top.plot(windows, tl["balancedness"], marker="o", label=name)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, tl) in enumerate(doc["policies"].items()):
+        colour = colours[i % len(colours)]
+        top.plot(windows, tl["balancedness"], marker="o", label=name, color=colour)
         if tl["rebalances"]:
             xs = [e["after_window"] + 0.5 for e in tl["rebalances"]]
-            bottom.plot(xs, [e["bytes_moved"] / 1e9 for e in tl["rebalances"]], marker="s", label=name)
+            gb = [e["bytes_moved"] / 1e9 for e in tl["rebalances"]]
+            bottom.plot(xs, gb, marker="s", label=name, color=colour)
     top.set_ylabel("balancedness (mean / max)")
     top.set_ylim(0, 1.05)
     top.legend()
@@ -295,6 +299,15 @@ def _plot(doc: dict[str, Any]) -> bytes:
     bottom.set_xlabel("window")
     bottom.legend()
     fig.suptitle(f"{doc['source']}: rebalance every {doc['every']} window(s)")
+    return fig
+
+
+def _plot(doc: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = _figure(doc)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
