@@ -182,7 +182,8 @@ CASES: dict[str, tuple[Build, str]] = {
     ),
     "rebalance_load_folder": (
         lambda d: rebalance(d, load_file=_folder(d, "l.json")),
-        r"cannot read .*l.json: it is a folder; name a file, or a TensorRT-LLM ExpertStatistic folder",
+        r"cannot read .*l.json: it is a folder; name a file, a TensorRT-LLM ExpertStatistic folder .* or a "
+        r"folder of SGLang's recorder dumps",
     ),
     "rebalance_empty_npy": (
         lambda d: rebalance(d, load_file=_put(d, "e.npy", b"")),

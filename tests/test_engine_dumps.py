@@ -147,6 +147,28 @@ def test_sglang_per_pass_dump_maps_slots_to_experts(tmp_path: Path) -> None:
     np.testing.assert_allclose(trace.trace, want[:, DENSE:])
 
 
+def test_sglang_per_pass_folder_sums_the_ranks_pass_by_pass(tmp_path: Path) -> None:
+    """``_DetailAccumulator.dump`` writes ``expert_distribution_recorder_{time}_{rank}.pt`` per rank
+    into ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``."""
+    p2l = np.array([[(s + layer) % EXPERTS for s in range(SLOTS)] for layer in range(LAYERS)])
+    want = sum(
+        _per_pass_dump(tmp_path / f"expert_distribution_recorder_17.5_{r}.pt", rank=r, passes=3, p2l=p2l)
+        for r in range(2)
+    )
+    trace = read_trace_file(tmp_path, layout=parse_moe_layers("3-6"))
+    np.testing.assert_allclose(trace.trace, np.asarray(want)[:, DENSE:])
+    assert trace.notes[0].startswith("SGLang per_pass dump: 3 forward passes, rank(s) [0, 1]")
+    assert trace.notes[0].endswith(", 2 file(s)")
+    found = read_load_file(tmp_path, layout=parse_moe_layers("3-6"))
+    np.testing.assert_allclose(found.load, np.asarray(want).sum(axis=0)[DENSE:])
+
+
+def test_a_folder_of_other_torch_files_is_refused(tmp_path: Path) -> None:
+    torch.save({"x": torch.zeros(2)}, tmp_path / "a.pt")
+    with pytest.raises(InputError, match=r"a.pt in .* is not an SGLang expert-distribution dump"):
+        read_load_file(tmp_path)
+
+
 def test_rebalance_reports_what_it_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "stats").mkdir()
     _trtllm_folder(tmp_path / "stats", range(5, 9), ranks=2)

@@ -15,13 +15,13 @@ from eplb.io.errors import InputError
 
 __all__ = [
     "check_numeric",
+    "dump_folder",
     "expert_count",
     "need_file",
     "np_array",
     "np_load",
     "read_json",
     "read_text",
-    "stats_folder",
     "torch_load",
 ]
 
@@ -110,16 +110,18 @@ def np_load(path: Path) -> Any:
         raise InputError(f"{path} is not a numeric .npy array ({exc}); save it with numpy.save.") from None
 
 
-def stats_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder TensorRT-LLM's ExpertStatistic wrote; any other folder is
-    refused as "it is a folder"."""
+def dump_folder(path: Path) -> str | None:
+    """``"trtllm"`` for a folder TensorRT-LLM's ExpertStatistic wrote, ``"sglang"`` for a folder of
+    SGLang's recorder dumps (``*.pt``), None for a file; any other folder is refused."""
     if not path.is_dir():
-        return False
+        return None
     if (path / "meta_info.json").is_file() or any(path.glob("rank*.safetensors")):
-        return True
+        return "trtllm"
+    if any(path.glob("*.pt")):
+        return "sglang"
     raise InputError(
-        f"cannot read {path}: it is a folder; name a file, or a TensorRT-LLM ExpertStatistic folder "
-        "(meta_info.json and rank{r}.safetensors)."
+        f"cannot read {path}: it is a folder; name a file, a TensorRT-LLM ExpertStatistic folder "
+        "(meta_info.json and rank{r}.safetensors) or a folder of SGLang's recorder dumps (*.pt)."
     )
 
 

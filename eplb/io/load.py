@@ -3,7 +3,8 @@
 - ``.json``: ``[[...], ...]`` or ``{"load": [[...], ...]}``; ``.npy``: the array;
 - ``.pt``: a tensor, ``{"load": tensor}``, or an SGLang expert-distribution dump (``stat`` or
   ``per_pass``, `eplb.io.sglang`), summed over steps;
-- a folder: TensorRT-LLM's ExpertStatistic dump (`eplb.io.trtllm`), summed over iterations and ranks.
+- a folder: TensorRT-LLM's ExpertStatistic dump (`eplb.io.trtllm`), summed over iterations and
+  ranks, or SGLang's recorder folder of ``.pt`` dumps (``per_pass``: one file per rank).
 
 A `ModelLayout` maps files with a row per model layer (SGLang's) to MoE rows; their dense rows must
 hold no load. `LoadFile.notes` says what was read, for the report.
@@ -18,11 +19,11 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from eplb.io._raw import check_numeric, np_array, read_json, stats_folder, torch_load
+from eplb.io._raw import check_numeric, dump_folder, np_array, read_json, torch_load
 from eplb.io.errors import InputError
 from eplb.io.layout import ModelLayout, keyed_layers, load_rows, resolve_layout
 from eplb.io.registry import format_of
-from eplb.io.sglang import dump_counts
+from eplb.io.sglang import dump_counts, read_dump_folder
 from eplb.io.trtllm import read_trtllm_stats
 from eplb.ir.errors import EplbError
 from eplb.planner.load import as_load_matrix
@@ -55,11 +56,15 @@ def read_load_file(
     p = Path(path)
     layout = resolve_layout(first_layer, layout)
     notes: list[str] = []
-    if stats_folder(p):
+    folder = dump_folder(p)
+    if folder == "trtllm":
         stats = read_trtllm_stats(p)
         keyed_layers(layout, stats.layers, str(p))
         load = _matrix(stats.counts.sum(axis=0), p)
         return LoadFile(load=load, notes=(stats.summary(),))
+    if folder == "sglang":
+        dump = read_dump_folder(p)
+        return _model_rows(dump.counts.sum(axis=0), p, layout, [dump.note + ", summed"])
     if p.suffix.lower() not in LOAD_SUFFIXES:
         raise InputError(
             f"{p}: unknown load format {p.suffix.lower() or '(none)'!r}; use one of "
@@ -67,6 +72,11 @@ def read_load_file(
         )
     data = _READERS[format_of(p, "load")](p, notes)
     check_numeric(data, p)
+    return _model_rows(data, p, layout, notes)
+
+
+def _model_rows(data: Any, p: Path, layout: ModelLayout | None, notes: list[str]) -> LoadFile:
+    """The MoE rows of a load with a row per model layer (or MoE rows only)."""
     load = _matrix(data, p)
     rows = load_rows(layout, load, str(p))
     if layout is not None:

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from eplb.io.errors import InputError
 
-__all__ = ["SglangDump", "dump_counts", "map_rows", "trivial_row"]
+__all__ = ["SglangDump", "dump_counts", "map_rows", "read_dump_folder", "trivial_row"]
 
 F64 = npt.NDArray[np.float64]
 
@@ -58,10 +58,13 @@ def map_rows(doc: Any, path: Path) -> list[list[Any]] | None:
 
 @attrs.frozen(kw_only=True)
 class SglangDump:
-    """``counts [steps, layers, experts]`` of a dump, model-layer rows; ``note`` says what was read."""
+    """``counts [steps, layers, experts]`` of a dump, model-layer rows; ``note`` says what was read;
+    ``passes``: the forward pass id of each step (``per_pass``), None for ``stat`` buffer rows."""
 
     counts: F64 = attrs.field(eq=False, repr=False)
     note: str
+    passes: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] = ()
 
 
 def _array(value: Any) -> npt.NDArray[Any]:
@@ -117,8 +120,58 @@ def _per_pass(doc: dict[str, Any], path: Path) -> SglangDump:
     if not steps:
         raise InputError(f"{path}: the per_pass dump has no records; record some forward passes first.")
     order = sorted(steps)
-    note = (
-        f"SGLang per_pass dump: {len(order)} forward passes, rank(s) {sorted(ranks)}; slots mapped to "
-        "experts by its last_physical_to_logical_map"
+    return SglangDump(
+        counts=np.stack([steps[s] for s in order]),
+        note=_per_pass_note(len(order), sorted(ranks)),
+        passes=tuple(order),
+        ranks=tuple(sorted(ranks)),
     )
-    return SglangDump(counts=np.stack([steps[s] for s in order]), note=note)
+
+
+def _per_pass_note(passes: int, ranks: list[int]) -> str:
+    return (
+        f"SGLang per_pass dump: {passes} forward passes, rank(s) {ranks}; slots mapped to experts by "
+        "each file's last_physical_to_logical_map"
+    )
+
+
+def read_dump_folder(folder: Path) -> SglangDump:
+    """The ``.pt`` dumps of a folder (``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``): ``per_pass``
+    files (one per rank) summed pass by pass; ``stat`` files (rank 0's, one per dump) one after
+    the other in name order, which is time order (``expert_distribution_recorder_{time}.pt``)."""
+    from eplb.io._raw import torch_load
+
+    files = sorted(folder.glob("*.pt"))
+    dumps = []
+    for f in files:
+        dump = dump_counts(torch_load(f), f)
+        if dump is None:
+            raise InputError(
+                f"{f} in {folder} is not an SGLang expert-distribution dump; keep only the recorder's "
+                "files in the folder."
+            )
+        dumps.append(dump)
+    kinds = {d.passes is None for d in dumps}
+    if len(kinds) > 1:
+        raise InputError(
+            f"{folder} mixes stat and per_pass dumps; pass one recording's files (one mode) at a time."
+        )
+    shapes = {d.counts.shape[1:] for d in dumps}
+    if len(shapes) > 1:
+        raise InputError(f"{folder}: the dumps have different [layers, experts] shapes {sorted(shapes)}.")
+    if dumps[0].passes is None:
+        note = f"{len(dumps)} SGLang stat dump(s): " + "; ".join(d.note.split(": ", 1)[1] for d in dumps)
+        return SglangDump(counts=np.concatenate([d.counts for d in dumps]), note=note)
+    steps: dict[int, F64] = {}
+    for d in dumps:
+        for step, row in zip(d.passes or (), d.counts, strict=True):
+            prev = steps.get(step)
+            steps[step] = row if prev is None else prev + row
+    ranks = sorted({r for d in dumps for r in d.ranks})
+    order = sorted(steps)
+    return SglangDump(
+        counts=np.stack([steps[s] for s in order]),
+        note=_per_pass_note(len(order), ranks) + f", {len(dumps)} file(s)",
+        passes=tuple(order),
+        ranks=tuple(ranks),
+    )

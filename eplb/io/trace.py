@@ -4,7 +4,8 @@
   ``{"logical_count": ...}``), ``.pt`` (a tensor or ``{"trace": ...}``);
 - SGLang's dumps (``.pt``): a ``stat`` dump's filled buffer rows, a ``per_pass`` dump's forward
   passes (`eplb.io.sglang`);
-- a folder: TensorRT-LLM's ExpertStatistic dump, one step per iteration (`eplb.io.trtllm`).
+- a folder: TensorRT-LLM's ExpertStatistic dump, one step per iteration (`eplb.io.trtllm`), or
+  SGLang's recorder folder of ``.pt`` dumps (``per_pass`` files of all ranks summed pass by pass).
 
 Steps are summed into windows of ``window_steps``; a `ModelLayout` maps model-layer rows to MoE rows.
 """
@@ -20,10 +21,10 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from eplb.io._raw import check_numeric, need_file, np_load, read_json, stats_folder, torch_load
+from eplb.io._raw import check_numeric, dump_folder, need_file, np_load, read_json, torch_load
 from eplb.io.errors import InputError
 from eplb.io.layout import ModelLayout, keyed_layers, load_rows
-from eplb.io.sglang import dump_counts
+from eplb.io.sglang import dump_counts, read_dump_folder
 from eplb.io.trtllm import read_trtllm_stats
 from eplb.ir.errors import EplbError
 from eplb.planner.load import as_load_matrix
@@ -54,10 +55,14 @@ def read_trace_file(
     if window_steps <= 0:
         raise InputError(f"--window-steps must be > 0 (got {window_steps}).")
     notes: list[str] = []
-    if stats_folder(p):
+    folder = dump_folder(p)
+    if folder == "trtllm":
         stats = read_trtllm_stats(p)
         keyed_layers(layout, stats.layers, str(p))
         arr, notes = stats.counts, [stats.summary()]
+    elif folder == "sglang":
+        dump = read_dump_folder(p)
+        arr, notes = dump.counts, [dump.note]
     else:
         arr = _steps(p, notes)
     windows = arr.shape[0] // window_steps
@@ -67,7 +72,7 @@ def read_trace_file(
         )
     steps = arr[: windows * window_steps].reshape(windows, window_steps, *arr.shape[1:])
     arr = np.asarray(steps.sum(axis=1), dtype=np.float64)
-    if not p.is_dir():
+    if folder != "trtllm":  # TensorRT-LLM names MoE layers only; the others have model-layer rows
         rows = load_rows(layout, arr.sum(axis=0), str(p))
         arr = arr[:, rows.start : rows.start + rows.count]
         if rows.note:
