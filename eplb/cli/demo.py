@@ -101,10 +101,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--executor picks the backend of the execution that --no-execute skips; drop one.")
 
     from eplb.examples_data import load_example
-    from eplb.io import placement_bytes
+    from eplb.io import layout_named, placement_bytes
     from eplb.ir.serde import dumps
     from eplb.planner.metrics import model_balancedness, summarize
     from eplb.planner.rebalance import rebalance
+
+    model = layout_named("deepseek-v3")  # the example's shape: 61 layers, MoE 3-60, 256 experts
 
     ex = load_example()
     window = ex.num_windows - 1 if args.window is None else args.window
@@ -191,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
         "plan_balanced.json": dumps(schedules["balanced"]).encode(),
         "current.json": placement_bytes(current, "ir"),
         "target.json": placement_bytes(targets[chosen], "ir"),
-        "target.sglang.json": placement_bytes(targets[chosen], "sglang", first_layer=ex.first_layer),
-        "target.trtllm.yaml": placement_bytes(targets[chosen], "trtllm", first_layer=ex.first_layer),
+        "target.sglang.json": placement_bytes(targets[chosen], "sglang", layout=model),
+        "target.trtllm.yaml": placement_bytes(targets[chosen], "trtllm", layout=model),
     }
     report["files"] = sorted([*files, "report.json"])
     report["seconds"] = time.perf_counter() - t0
