@@ -176,6 +176,19 @@ def test_cli_58_and_61_row_loads_give_the_same_engine_file(loads_dir: Path, fmt:
         assert (loads_dir / f"moe{SUFFIX[fmt]}").read_bytes() == (loads_dir / f"model{SUFFIX[fmt]}").read_bytes()
 
 
+def test_cli_pt_output_with_first_layer_keeps_the_dense_rows(loads_dir: Path) -> None:
+    """``--format pt --first-layer 3`` used to write the MoE rows only: SGLang read model layer L
+    from row L, three layers late."""
+    import torch
+
+    out = loads_dir / "t.pt"
+    argv = ["rebalance", "--load", str(loads_dir / "model.npy"), *SHAPE, "--first-layer", "3"]
+    assert main([*argv, "--format", "pt", "--out", str(out)]) == 0
+    table = torch.load(out, weights_only=True)["physical_to_logical_map"]
+    assert tuple(table.shape) == (DENSE + MOE, 10)
+    assert read_any_placement(out, num_ranks=2, first_layer=3).num_layers == MOE
+
+
 def test_cli_plan_and_diff_compare_a_model_row_map_with_moe_rows(loads_dir: Path) -> None:
     d = loads_dir
     base = ["rebalance", "--load", str(d / "model.npy"), *SHAPE, "--moe-layers", "3-6"]

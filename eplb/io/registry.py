@@ -23,11 +23,6 @@ class FileFormat:
     holds: frozenset[str]
     summary: str
 
-    def matches(self, path: str | Path) -> bool:
-        p = Path(path)
-        name = p.name.lower()
-        return any(p.is_dir() if pat == "/" else name.endswith(pat) for pat in self.patterns)
-
 
 FORMATS: dict[str, FileFormat] = {
     f.name: f
