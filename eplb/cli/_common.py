@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from eplb.io.layout import ModelLayout
 
 # Bad command-line input: the message names the problem and the fix (exit status 2). One class
-# with the file-format errors of eplb.formats, which the CLI reports the same way.
+# with the file-format errors of eplb.io, which the CLI reports the same way.
 CliError = InputError
 
 

@@ -1,6 +1,6 @@
 """``eplb diff A B``: what changed between two placements, or between two plans / schedules.
 
-Placements (any format `eplb.interop` reads; ``--ranks`` for files that do not record it): per
+Placements (any format `eplb.io` reads; ``--ranks`` for files that do not record it): per
 layer, slots whose expert changed, slots that must receive weights from another rank, experts
 whose replica count changed; per rank, the same summed over layers and the (layer, expert) pairs
 it gains and drops. Plans or schedules (IR JSON): whether they start and end at the same
