@@ -9,6 +9,7 @@ on vLLM's source files when ``EPLB_VLLM_SRC`` names a tree holding them (skipped
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -333,7 +334,7 @@ def test_with_installed_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     vllm_policy = pytest.importorskip("vllm.distributed.eplb.policy")
     import vllm.plugins as vllm_plugins
 
-    if "eplb" not in {e.name for e in __import__("importlib.metadata").metadata.entry_points(group="vllm.general_plugins")}:
+    if "eplb" not in {e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")}:
         monkeypatch.syspath_prepend(str(_entry_point_dir(tmp_path)))
     monkeypatch.setitem(vllm_policy.EPLB_POLICIES, "default", vllm_policy.DefaultEplbPolicy)
     _check_plugin_loading(vllm_plugins, vllm_policy.EPLB_POLICIES)
@@ -353,3 +354,15 @@ def test_with_vllm_source_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     old = default.rebalance_experts(_load(0), 24, 4, 2, 4)
     out = cls.rebalance_experts(_load(1), 24, 4, 2, 4, old)
     _assert_valid(out, 4, 16, 24)
+    # Elastic, as vLLM hands them over: scale-down passes the old, wider map (the first ranks
+    # stay); scale-up passes the new width with the new ranks' slots at -1.
+    _assert_valid(cls.rebalance_experts(_load(1), 18, 4, 1, 3, old), 4, 16, 18)
+    padded = torch.cat([old, torch.full((4, 6), -1, dtype=torch.int64)], dim=1)
+    _assert_valid(cls.rebalance_experts(_load(1), 30, 4, 1, 5, padded), 4, 16, 30)
+    # An error inside eplb gives vLLM's real default plan.
+    monkeypatch.setattr(plugin, "plan_for_vllm", _raise)
+    assert torch.equal(cls.rebalance_experts(_load(1), 24, 4, 2, 4, old), default.rebalance_experts(_load(1), 24, 4, 2, 4, old))
+
+
+def _raise(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("forced failure")
