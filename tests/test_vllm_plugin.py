@@ -225,6 +225,31 @@ def test_seed_from_old_keeps_survivors_and_holds_every_expert(seed: int, old_r: 
     assert all(lost[i].sum() <= max(0, missing[i] - free[i]) for i in range(3))
 
 
+@st.composite
+def vllm_calls(draw: st.DrawFn) -> tuple[Any, ...]:
+    """One ``rebalance_experts`` call: shape, counts and an old map in force, elastic or not."""
+    num_l, num_e = draw(st.integers(1, 3)), draw(st.sampled_from([4, 6, 8]))
+    ranks, nodes = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    spr = draw(st.integers(-(-num_e // ranks), -(-num_e // ranks) + 2))
+    groups = draw(st.sampled_from([0, 1, 2, 3, 4]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    weight = torch.from_numpy(rng.integers(0, draw(st.sampled_from([1, 5, 1000])), (num_l, num_e))).int()
+    kind = draw(st.sampled_from(["none", "same", "narrower", "wider", "holes"]))
+    width = {"narrower": max(1, ranks - 1) * spr, "wider": (ranks + 1) * spr}.get(kind, ranks * spr)
+    old = None if kind == "none" else torch.from_numpy(rng.integers(0, num_e, (num_l, width)))
+    if kind == "holes":
+        old[torch.from_numpy(rng.random((num_l, width)) < 0.3)] = -1
+    return weight, ranks * spr, groups, nodes, ranks, old
+
+
+@given(vllm_calls())
+def test_any_call_gives_a_valid_deterministic_map(call: tuple[Any, ...]) -> None:
+    # plan_for_vllm raises where the policy class would fall back, so eplb itself must cope.
+    out = plan_for_vllm(*call).physical_to_logical
+    _assert_valid(torch.from_numpy(out), call[0].shape[0], call[0].shape[1], call[1])
+    assert plan_for_vllm(*call).physical_to_logical.tobytes() == out.tobytes()
+
+
 def test_same_input_gives_byte_identical_output_in_another_process() -> None:
     _, cls = _policy()
     old = _call(cls, _load(0))

@@ -14,9 +14,10 @@ Switches (environment, read by `register`; every rank must see the same values):
 
 - ``EPLB_POLICY``: an eplb policy name (default ``migration_aware``), or ``vllm`` to keep vLLM's.
 - ``EPLB_POLICY_OPTIONS``: a JSON object of that policy's options, e.g. ``{"tolerance": 0.01}``.
-- ``EPLB_DUMP_DIR``: a folder; each rebalance writes its placements (and compiled plan) as eplb
-  IR JSON there, for ``eplb inspect`` / ``diff`` / ``verify``.
+- ``EPLB_DUMP_DIR``: a folder; global rank 0 writes each rebalance's placements (and compiled
+  plan) as eplb IR JSON there, for ``eplb inspect`` / ``diff`` / ``verify``.
 
+Each rebalance logs one info line on global rank 0 (debug on the others, which plan the same).
 Never takes serving down: a bad switch logs a warning and keeps vLLM's default; an error inside
 a rebalance logs one warning with the reason and returns vLLM's default plan for that call.
 Importing this module imports no vLLM.
@@ -86,7 +87,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> PluginConfig:
 
 
 def _dump(plan: VllmPlan, folder: Path, seq: int) -> None:
-    """Write this rebalance's IR files; ranks write identical bytes, each file replaced atomically."""
+    """Write this rebalance's IR files, each replaced atomically (a reader never sees half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"target": plan.target}
     if plan.current is not None:
@@ -97,6 +98,12 @@ def _dump(plan: VllmPlan, folder: Path, seq: int) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(dumps(value))
         os.replace(tmp, path)
+
+
+def _first_rank() -> bool:
+    """True on global rank 0 or without torch.distributed: every rank plans, one logs at info."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def make_policy_class(base: type, fallback: type, config: PluginConfig) -> type:
@@ -124,9 +131,10 @@ def make_policy_class(base: type, fallback: type, config: PluginConfig) -> type:
             )
             out: torch.Tensor = getattr(fallback, "rebalance_experts")(*args)  # noqa: B009
             return out
-        logger.info(plan.log_line())
+        first = _first_rank()
+        logger.log(logging.INFO if first else logging.DEBUG, plan.log_line())
         counter[0] += 1
-        if config.dump_dir is not None:
+        if config.dump_dir is not None and first:  # every rank has the same plan; one writes it
             try:
                 _dump(plan, config.dump_dir, counter[0])
             except Exception as exc:  # a dump is a convenience; the plan stands
