@@ -16,6 +16,7 @@ lognormal drift of window 0), and synthetic Zipf loads at Qwen3-30B-A3B and Kimi
 with the drifts of ``bench/bench_planner.py`` (its generators are reused, not copied).
 Reports slots needing new weights (expert changes in the slot), slots fed over links
 (expert not already on the rank), balancedness on the new window, ms per call (min of repeats).
+Columns and JSON entries named "vllm" are the baseline's; ``machine.baseline`` says which ran.
 
     python bench/bench_vllm_policy.py --vllm-src /work/engines/vllm
 """
@@ -115,6 +116,7 @@ def main() -> int:
     commit = git.stdout.strip()
     info = machine() | {"baseline": label, "eplb_commit": commit}
     print(f"machine: {info}")
+    print(f"baseline ('base' / 'vllm' below): {label}")
     rows = []
     rng = np.random.default_rng(args.seed)
     for shape, kind, before, after, cfg in cases(rng):
@@ -125,7 +127,7 @@ def main() -> int:
         rows.append(row)
         v, e = row["vllm"], row["eplb"]
         print(
-            f"{shape:10} {kind:13} slots {row['slots']:6} | new weights vllm {v['changed']:6} eplb "
+            f"{shape:10} {kind:13} slots {row['slots']:6} | new weights base {v['changed']:6} eplb "
             f"{e['changed']:6} ({e['changed'] / max(v['changed'], 1):6.1%}) | over links {v['over_links']:6} "
             f"{e['over_links']:6} | bal {v['balancedness']:.4f} {e['balancedness']:.4f} "
             f"(d {e['balancedness'] - v['balancedness']:+.4f}) | ms {v['ms']:7.1f} {e['ms']:7.1f}",
