@@ -103,7 +103,10 @@ def _dump(plan: VllmPlan, folder: Path, seq: int) -> None:
 def _first_rank() -> bool:
     """True on global rank 0 or without torch.distributed: every rank plans, one logs at info."""
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    try:
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    except Exception:  # a log level is not worth a failed rebalance
+        return True
 
 
 def make_policy_class(base: type, fallback: type, config: PluginConfig) -> type:
