@@ -267,7 +267,7 @@ class VllmLikeExecutor(Executor):
     def recv(self, op: Any, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def post_transfers(self, ctx: RunContext) -> None:
+    def post(self, ctx: RunContext) -> None:
         raise NotImplementedError
 
 
