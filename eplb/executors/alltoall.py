@@ -52,6 +52,7 @@ class AllToAllExecutor(PackedExecutor):
     """``all_to_all_single`` per round (NCCL on GPUs, gloo on CPUs)."""
 
     name = "alltoall"
+    collective = True
 
     @attrs.frozen(kw_only=True)
     class Config(Executor.Config):
