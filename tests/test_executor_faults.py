@@ -222,7 +222,10 @@ def test_rank_that_exits_or_hangs_ends_every_survivor_within_the_timeout(
         assert not out["group_usable"], out["message"]
         assert out["waited_seconds"] is not None and out["waited_seconds"] <= TIMEOUT_S + 1.0, out["message"]
         assert f"rank {rank}:" in out["message"] or f"rank {bad} failed" in out["message"], out["message"]
-        # A round at or before the fault's; the sleeper itself fails after it wakes.
+        if world == 2 and rank != bad:
+            assert out["peer"] == bad, out["message"]  # the only other rank: knowable
+            assert f"peer {bad} stopped answering" in out["message"], out["message"]
+        # A round at or after the fault's; the sleeper itself fails after it wakes.
         assert out["round"] is None or out["round"] >= out["round_expected"], out["message"]
         slept = 2 * TIMEOUT_S if rank == bad else 0.0
         assert out["seconds"] < slept + TIMEOUT_S + MARGIN_S, out

@@ -107,6 +107,7 @@ class AllToAllExecutor(PackedExecutor):
         recvs = dict(iter_peer_order(state.recvs))
         send_buf, recv_buf = state.send_buf, state.recv_buf
         assert send_buf is not None and recv_buf is not None
+        deadline = self.deadline()
         for c in range(num_chunks):
             lo = c * per_peer
             hi = lo + per_peer
@@ -131,7 +132,7 @@ class AllToAllExecutor(PackedExecutor):
                 group=ctx.group,
                 async_op=True,
             )
-            self.wait_all([work])
+            deadline.wait(work)
             offset = 0
             for _peer, ops in recvs.items():
                 for op in ops[lo:hi] if lo < len(ops) else []:

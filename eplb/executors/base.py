@@ -54,6 +54,7 @@ from eplb.ir.topology import Topology, Transport
 
 __all__ = [
     "Agreement",
+    "Deadline",
     "ExecutionError",
     "Executor",
     "ExecutorError",
@@ -104,7 +105,8 @@ class ExecutionError(ExecutorError, RuntimeError):
     ``rank``: the rank that failed first (or, for a transport failure, the reporting rank);
     ``round`` / ``layer`` / ``op``: where (None: before round 0 / not one op); ``failed_ranks``:
     every rank that reported a failure; ``peer``: the rank that stopped answering or died, where
-    the backend can tell (one peer in the round), else None; ``waited_seconds``: how long this
+    it is knowable (the other rank of a 2-rank group; the single peer of a point-to-point group
+    this rank waited on), else None; ``waited_seconds``: how long this
     rank waited on the group or agreement that failed (None: not a wait); ``group_usable``:
     False when the process group failed under the run (a timeout or a dead peer): replace it
     before the next run. ``completed_layers`` finished on every rank (their ops all ran in
@@ -440,6 +442,18 @@ class GroupAgreement(Agreement):
         return Verdict(failures=failures, fingerprints=tuple(v[4] for v in rows))
 
 
+class Deadline:
+    """One group's wait budget: each work waits at most what is left of it, so a group of many
+    works fails after the timeout, not after the timeout times the number of works."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def wait(self, work: Any) -> None:
+        if work is not None:
+            work.wait(datetime.timedelta(seconds=max(self.end - time.monotonic(), 0.001)))
+
+
 class Executor(abc.ABC):
     """Runs a verified schedule on every rank; see the module docstring for the call order.
 
@@ -586,7 +600,7 @@ class Executor(abc.ABC):
                 if failure is None:
                     failure = self._dispatch(ctx, Section.TRANSFERS, transfers)
                 if agree_rounds:
-                    self._settle(ctx, agreement, failure)
+                    self._settle(ctx, agreement, failure, transfers=transfers)
                 elif failure is not None:
                     raise self.error(ctx, failures=(failure,)) from failure.exc
                 self._post(ctx, agreement, transfers)
@@ -648,7 +662,13 @@ class Executor(abc.ABC):
             raise self.error(ctx, wait=waited, transfers=transfers) from exc
 
     def _settle(
-        self, ctx: RunContext, agreement: Agreement, failure: _Failure | None, *, fingerprint: int = 0
+        self,
+        ctx: RunContext,
+        agreement: Agreement,
+        failure: _Failure | None,
+        *,
+        fingerprint: int = 0,
+        transfers: Sequence[Transfer] = (),
     ) -> None:
         """Run one agreement; if any rank failed (or the ranks hold different schedules), raise."""
         own = failure.exc if failure is not None else None
@@ -656,7 +676,7 @@ class Executor(abc.ABC):
             verdict = agreement.agree(ctx, failure, fingerprint=fingerprint)
         except _WaitFailedError as wf:
             raise self.error(
-                ctx, failures=() if failure is None else (failure,), wait=wf
+                ctx, failures=() if failure is None else (failure,), wait=wf, transfers=transfers
             ) from (own if own is not None else wf.exc)
         if fingerprint and len(set(verdict.fingerprints)) > 1:
             raise self.error(ctx, fingerprints=verdict.fingerprints) from own
@@ -710,12 +730,15 @@ class Executor(abc.ABC):
     def timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.config.timeout_s)
 
-    def wait_all(self, works: Sequence[Any]) -> None:
+    def deadline(self) -> Deadline:
+        """The wait budget of one ``post``: ``Config.timeout_s`` for all its works together."""
+        return Deadline(self.config.timeout_s)
+
+    def wait_all(self, works: Sequence[Any], deadline: Deadline | None = None) -> None:
         """Wait for every work of one group, ``Config.timeout_s`` for all of them together."""
-        deadline = time.monotonic() + self.config.timeout_s
+        deadline = deadline or self.deadline()
         for work in works:
-            if work is not None:
-                work.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            deadline.wait(work)
 
     def error(
         self,
@@ -761,7 +784,11 @@ class Executor(abc.ABC):
             assert wait is not None
             failed_round, rank, failed, op = max(ctx.round, -1), ctx.rank, (), None
             peers = sorted({t.peer for t in transfers})
-            peer = peers[0] if len(peers) == 1 and not self.collective else None
+            num_ranks = ctx.schedule.plan.topology.num_ranks
+            if num_ranks == 2 and ctx.rank is not None:
+                peer = 1 - ctx.rank  # the only other rank
+            elif wait.what != "agreement" and len(peers) == 1 and not self.collective:
+                peer = peers[0]  # this rank waited on that peer alone
             where = (
                 "setup" if ctx.round < 0 else "the end of the run" if ctx.round >= ctx.schedule.num_rounds
                 else f"round {ctx.round}"

@@ -129,7 +129,7 @@ class CpuStagedExecutor(PackedExecutor):
     def _post_cuda(self, ctx: RunContext, state: _StagedState, sends: list[Send], recvs: list[Recv]) -> None:
         host_send, host_recv, stream = state.host_send, state.host_recv, state.stream
         assert host_send is not None and host_recv is not None
-        timeout = self.timeout()
+        deadline = self.deadline()
         # Receives first, so peers' sends find them posted.
         recv_works = []
         for j, (op, tag) in enumerate(zip(recvs, self._tags(recvs), strict=True)):
@@ -148,13 +148,9 @@ class CpuStagedExecutor(PackedExecutor):
             events[j].synchronize()  # send each expert as soon as its copy is done
             send_works.append(dist.isend(host_send[j], global_rank(ctx.group, sop.dst_rank), ctx.group, tag))
         for j, op in enumerate(recvs):
-            work = recv_works[j]
-            assert work is not None
-            work.wait(timeout)
+            deadline.wait(recv_works[j])
             unpack_expert(host_recv[j], ctx.tensors(op.rank, op.layer, op.dst))
-        for work in send_works:
-            assert work is not None
-            work.wait(timeout)
+        self.wait_all(send_works, deadline)
         # The host rows are reused next round: the host-to-device copies must be done.
         torch.cuda.current_stream(ctx.device).synchronize()
 
