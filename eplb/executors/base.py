@@ -759,9 +759,9 @@ class Executor(abc.ABC):
             failed_round, rank, failed, op = -1, ctx.rank, _odd_ranks(fingerprints), None
             message = (
                 f"{self.name} executor: rank {ctx.rank}: the ranks hold different schedules "
-                f"({_fingerprint_groups(fingerprints)}; fingerprints of each rank's canonical schedule "
-                "JSON); nothing was moved. Give every rank the same schedule: compile it once and "
-                "broadcast it, or from the same inputs and options on every rank."
+                f"({_fingerprint_groups(fingerprints)}: `schedule_fingerprint` of each rank's ops and "
+                "placements); nothing was moved. Give every rank the same schedule: compile it once "
+                "and broadcast it, or from the same inputs and options on every rank"
             )
         elif failures:
             f = min(failures, key=lambda x: (x.round, -1 if x.rank is None else x.rank))
