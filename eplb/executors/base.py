@@ -521,11 +521,14 @@ class Executor(abc.ABC):
     ) -> RunReport:
         """Run ``schedule`` on this rank's ``weights`` (in place); every rank calls it.
 
-        Raises `ExecutionError` on every rank when any rank fails (see the module docstring);
-        `ExecutorError` at once, on this rank only, when torch.distributed is not initialised or
-        the group's size is not the topology's. Other exceptions do not escape the loop: the
-        transport's (gloo/NCCL ``RuntimeError``, ``DistBackendError``) become `ExecutionError`
-        with ``group_usable=False``.
+        Raises `ExecutionError` on every rank when any rank fails (see the module docstring).
+        Before the loop, on this rank only: `ExecutorError` when torch.distributed is not
+        initialised or the group's size is not the topology's, and whatever torch raises for a
+        group it does not know (``dist.get_world_size`` / ``get_rank``; cpu_staged's
+        ``dist.new_group`` when it makes its gloo group). Inside the loop every ``Exception``
+        becomes `ExecutionError`: a hook's with ``group_usable=True``, the transport's (gloo's
+        and NCCL's ``RuntimeError`` / ``DistBackendError`` from a post or an agreement) with
+        ``group_usable=False``. ``BaseException`` (KeyboardInterrupt, SystemExit) is not caught.
         """
         if not dist.is_available() or not dist.is_initialized():
             raise ExecutorError(
