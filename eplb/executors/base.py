@@ -352,10 +352,6 @@ class RunContext:
             return rnd.before, rnd.transfers, rnd.after
         return rnd.ops_of(self.rank)
 
-    def describe(self, op: Op, rank: int | None = None) -> str:
-        r = op.rank if rank is None else rank
-        return f"while executing {op} (layer {op.layer}, round {self.round}, rank {r})"
-
 
 @attrs.frozen
 class _Failure:
