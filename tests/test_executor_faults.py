@@ -160,6 +160,14 @@ def _raise_worker(rank: int, world: int, bad: int) -> dict[tuple[str, str], dict
             out = _outcome(lambda ex=ex, w=weights: ex.run(sched, w), weights, cur, tgt, rank)
             out["round_expected"] = k
             results[where, name] = out
+    for name in BACKENDS:  # one rank's executor allows less staging than the schedule needs
+        from eplb.executors import executor_class
+
+        cls = executor_class(name)
+        cap = sched.staging_bytes_per_rank - 1 if rank == bad else None
+        ex = cls(cls.Config(timeout_s=TIMEOUT_S, max_staging_bytes=cap))
+        weights = make_rank_weights(cur, rank, 2, layout)
+        results["staging", name] = _outcome(lambda ex=ex, w=weights: ex.run(sched, w), weights, cur, tgt, rank)
     return results
 
 
@@ -170,6 +178,11 @@ def test_rank_raising_at_first_middle_last_round_ends_every_rank(world: int) -> 
     for rank, per_case in enumerate(results):
         for (where, name), out in per_case.items():
             _check_layers(out)
+            if where == "staging":  # refused on the bad rank before allocating: nothing moved
+                assert out["rank"] == bad and out["round"] is None and out["failed_ranks"] == (bad,)
+                assert out["completed_layers"] == () and out["partial_layers"] == (), out["message"]
+                assert ("max_staging_bytes" in out["message"]) == (rank == bad), out["message"]
+                continue
             assert out["rank"] == bad and out["round"] == out["round_expected"], (where, name, out["message"])
             assert out["failed_ranks"] == (bad,)
             assert f"rank {bad} failed in round {out['round']} transfers" in out["message"], out["message"]

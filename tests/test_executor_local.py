@@ -205,3 +205,17 @@ def test_a_failure_names_the_section_kind_and_the_layer_states_come_from_one_pla
     )
     assert info.value.group_usable and info.value.waited_seconds is None
     assert Section.TRANSFERS.label == "transfers" and int(Section.AFTER) == 2
+
+
+def test_fingerprint_tells_schedules_of_one_shape_apart_and_is_stable() -> None:
+    from eplb.executors.base import schedule_fingerprint
+
+    sched, cur, _ = _swap_schedule()
+    again, *_ = _swap_schedule()
+    assert schedule_fingerprint(sched) == schedule_fingerprint(again)
+    other_tgt = ModelPlacement.from_lists([[3, 2, 1, 0]] * 3, num_ranks=2)
+    other = make_schedule(
+        compile_plan(cur, other_tgt, Topology.uniform(2, 2), expert_bytes=EB), ScheduleLimits(max_ops_per_group=2)
+    )
+    assert schedule_fingerprint(other) != schedule_fingerprint(sched)
+    assert 0 <= schedule_fingerprint(sched) < 1 << 63  # fits the agreement's int64
