@@ -15,7 +15,8 @@ What it measures, in one run:
    ``256 // num_tensors`` transfers per group since every expert is ``num_tensors`` NCCL calls)
    and verified once, then run by p2p, alltoall, cpu_staged and a vLLM-like baseline (each
    layer's transfers in one ``batch_isend_irecv`` into a one-layer buffer, then copied into
-   place): the first run after ``P2PExecutor.warmup`` (cold) apart from ``--repeat`` warm runs;
+   place: `vllm_like_schedule`, run by the p2p backend's loop): the first run after
+   ``P2PExecutor.warmup`` (cold) apart from ``--repeat`` warm runs;
    every run is followed by the reverse migration (untimed) so each starts from the same state;
 4. for each: wall time (slowest rank), busiest rank's bytes / wall (GB/s per rank), share of
    the ceiling, ms per layer, and peak extra GPU memory (``max_memory_allocated`` above the
@@ -43,8 +44,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from eplb.executors import AllToAllExecutor, CpuStagedExecutor, Executor, P2PExecutor
-from eplb.executors.base import RunContext
-from eplb.ir import ModelPlacement, Schedule, ScheduleLimits, Topology
+from eplb.executors.base import RunReport
+from eplb.ir import ModelPlacement, Round, Schedule, ScheduleLimits, Topology
+from eplb.ir.ops import Copy, Loc, Recv, Send
 
 NUM_EXPERTS, NUM_SLOTS = 256, 288
 EXPERT_SHAPES = (
@@ -179,20 +181,66 @@ def make_schedule(cur: ModelPlacement, tgt: ModelPlacement, topo: Topology, expe
 
 
 # --- 3. the vLLM-like baseline --------------------------------------------------------------------
-class VllmLikeExecutor(Executor):
-    """What vLLM's ``rearrange_expert_weights_inplace`` does, on the same placements.
+def vllm_like_schedule(schedule: Schedule) -> Schedule:
+    """What vLLM's ``rearrange_expert_weights_inplace`` does on ``schedule``'s placements, as a
+    schedule of one round per layer (the schedule's own rounds are ignored).
 
-    Per layer: experts a rank needs that it already holds are copied into a one-layer buffer;
-    the others are received (once per rank) into it from a holder (rotating over holders), all
-    of the layer's sends and receives in one ``batch_isend_irecv``; then the buffer is copied into
-    the slots whose expert changed. Ignores the schedule's rounds (only its placements).
+    Per layer and rank: experts it needs that it already holds are copied into a one-layer buffer
+    (``before``); the others are received once per rank into that buffer from a holder (rotating
+    over holders), in one group (``transfers``); then the buffer is copied into the slots whose
+    expert changed (``after``). The staging pool is one layer: ``slots_per_rank`` experts.
     """
+    plan = schedule.plan
+    s, num_ranks = plan.topology.slots_per_rank, plan.topology.num_ranks
+    rounds = []
+    for layer in range(plan.num_layers):
+        cur = plan.current.layers[layer].physical_to_logical
+        tgt = plan.target.layers[layer].physical_to_logical
+        holders: dict[int, list[int]] = {}
+        for p, e in enumerate(cur):
+            holders.setdefault(e, []).append(p)
+        before: list[Copy] = []
+        transfers: list[Send | Recv] = []
+        after: list[Copy] = []
+        for me in range(num_ranks):
+            local_slot = {e: i for i, e in enumerate(cur[me * s : (me + 1) * s])}
+            changed = [i for i in range(s) if tgt[me * s + i] != cur[me * s + i]]
+            first_slot: dict[int, int] = {}
+            for i in changed:
+                e = tgt[me * s + i]
+                if e in local_slot:
+                    src_loc = Loc.slot(local_slot[e])
+                    before.append(Copy(layer=layer, rank=me, src=src_loc, dst=Loc.buffer(i), expert=e))
+                elif e not in first_slot:
+                    first_slot[e] = i
+                    hs = holders[e]
+                    src = hs[me % len(hs)]  # a holder, rotating over them
+                    transfers += _fetch(layer, len(transfers), src, s, me, i, e)
+                else:
+                    after.append(
+                        Copy(layer=layer, rank=me, src=Loc.buffer(first_slot[e]), dst=Loc.buffer(i), expert=e)
+                    )
+            after += [
+                Copy(layer=layer, rank=me, src=Loc.buffer(i), dst=Loc.slot(i), expert=tgt[me * s + i])
+                for i in changed
+            ]
+        rounds.append(Round(before=before, transfers=transfers, after=after))
+    return Schedule(
+        plan=plan, limits=schedule.limits, rounds=rounds, rounds_lower_bound=0, staging_buffers_per_rank=s
+    )
+
+
+def _fetch(layer: int, tid: int, src: int, s: int, me: int, i: int, e: int) -> tuple[Send, Recv]:
+    """Expert ``e`` from global slot ``src`` into buffer ``i`` of rank ``me``."""
+    ends = {"layer": layer, "transfer_id": tid, "src_rank": src // s, "dst_rank": me, "expert": e}
+    return Send(**ends, src=Loc.slot(src % s)), Recv(**ends, dst=Loc.buffer(i))
+
+
+class VllmLikeExecutor(P2PExecutor):
+    """The p2p backend run on `vllm_like_schedule`: vLLM's per-layer algorithm through the same
+    loop, hooks and agreement as every backend (so the comparison is of schedules alone)."""
 
     name = "vllm_like"
-
-    @classmethod
-    def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
-        return None
 
     def run(
         self,
@@ -202,73 +250,10 @@ class VllmLikeExecutor(Executor):
         *,
         rank: int | None = None,
         verified: bool = False,
-    ) -> Any:
-        me = dist.get_rank()
-        plan = schedule.plan
-        s = plan.topology.slots_per_rank
-        buf = [torch.empty_like(t) for t in weights[0]]  # one layer
-        t0 = time.perf_counter()
-        sent = received = 0
-        for layer in range(plan.num_layers):
-            cur = plan.current.layers[layer].physical_to_logical
-            tgt = plan.target.layers[layer].physical_to_logical
-            holders: dict[int, list[int]] = {}
-            for p, e in enumerate(cur):
-                holders.setdefault(e, []).append(p)
-            pairs = []  # (expert, dst rank, src slot) in one global order, so all ranks agree
-            for dst in range(plan.topology.num_ranks):
-                local = set(cur[dst * s : (dst + 1) * s])
-                need = sorted(
-                    {
-                        tgt[p]
-                        for p in range(dst * s, (dst + 1) * s)
-                        if tgt[p] != cur[p] and tgt[p] not in local
-                    }
-                )
-                for e in need:
-                    hs = holders[e]
-                    pairs.append((e, dst, hs[dst % len(hs)]))
-            ops = []
-            first_slot: dict[int, int] = {}
-            changed = [i for i in range(s) if tgt[me * s + i] != cur[me * s + i]]
-            local_slot = {e: i for i, e in enumerate(cur[me * s : (me + 1) * s])}
-            for i in changed:
-                e = tgt[me * s + i]
-                if e in local_slot:
-                    for b, w in zip(buf, weights[layer], strict=True):
-                        b[i].copy_(w[local_slot[e]])
-                elif e not in first_slot:
-                    first_slot[e] = i
-            for e, dst, src_slot in pairs:
-                src = src_slot // s
-                if src == me:
-                    ops += [dist.P2POp(dist.isend, w[src_slot % s], dst) for w in weights[layer]]
-                    sent += 1
-                elif dst == me:
-                    ops += [dist.P2POp(dist.irecv, b[first_slot[e]], src) for b in buf]
-                    received += 1
-            if ops:
-                for w in dist.batch_isend_irecv(ops):
-                    w.wait()
-            for i in changed:
-                e = tgt[me * s + i]
-                if e not in local_slot and first_slot[e] != i:
-                    for b in buf:
-                        b[i].copy_(b[first_slot[e]])
-            for i in changed:
-                for b, w in zip(buf, weights[layer], strict=True):
-                    w[i].copy_(b[i])
-        eb = plan.expert_bytes
-        return {"bytes_sent": sent * eb, "bytes_received": received * eb, "wall": time.perf_counter() - t0}
-
-    def send(self, op: Any, ctx: RunContext) -> None:
-        raise NotImplementedError
-
-    def recv(self, op: Any, ctx: RunContext) -> None:
-        raise NotImplementedError
-
-    def post_transfers(self, ctx: RunContext) -> None:
-        raise NotImplementedError
+    ) -> RunReport:
+        # Its transfers are not the plan's (other sources), so `verify` would refuse them; the
+        # benchmark checks the weights instead.
+        return super().run(vllm_like_schedule(schedule), weights, group, rank=rank, verified=True)
 
 
 # --- 4. timing ------------------------------------------------------------------------------------
@@ -287,10 +272,7 @@ def time_run(
     peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else -1
     dist.barrier()
     ex.run(back, weights, verified=True)  # restore the current placement, untimed
-    if isinstance(report, dict):
-        moved = max(report["bytes_sent"], report["bytes_received"])
-    else:
-        moved = max(report.bytes_sent, report.bytes_received)
+    moved = max(report.bytes_sent, report.bytes_received)
     t = torch.tensor([wall, moved, peak], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
     return {"wall_s": t[0].item(), "busiest_bytes": int(t[1].item()), "peak_extra_bytes": int(t[2].item())}

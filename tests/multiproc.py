@@ -3,8 +3,9 @@
 ``run_on_ranks(fn, nprocs, *args)`` spawns ``nprocs`` processes, each initialises a gloo process
 group over a `FileStore` (so no port is needed), calls ``fn(rank, nprocs, *args)`` and sends back
 its return value (must pickle) or its error. A rank that has not answered by ``timeout_s`` is
-terminated and reported, so a broken test fails instead of hanging. ``fn`` must be a module-level
-function (spawn pickles it by name).
+terminated and reported, so a broken test fails instead of hanging; a rank whose process exits
+without answering (a fault test's ``os._exit``) is reported as soon as every other rank answered
+or exited. ``fn`` must be a module-level function (spawn pickles it by name).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def run_on_ranks(
             try:
                 res = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
+                missing = [r for r in range(nprocs) if r not in got]
+                if all(not procs[r].is_alive() for r in missing) and results.empty():
                     break
                 continue
             got[res.rank] = res
@@ -120,9 +122,13 @@ def run_on_ranks(
                 p.join()
     for r in range(nprocs):
         if r not in got:
-            got[r] = RankResult(
-                r, False, error=f"TimeoutError: rank {r} did not answer within {timeout_s:g} s"
+            code = procs[r].exitcode
+            error = (
+                f"ProcessExited: rank {r} exited with code {code} without answering"
+                if code is not None and code != -15
+                else f"TimeoutError: rank {r} did not answer within {timeout_s:g} s"
             )
+            got[r] = RankResult(r, False, error=error)
     return [got[r] for r in range(nprocs)]
 
 

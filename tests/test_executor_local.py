@@ -164,3 +164,58 @@ def test_p2p_caps_transfers_per_group_by_tensor_count() -> None:
     assert P2PExecutor().max_transfers_per_group(300) == 1
     assert LocalExecutor().max_transfers_per_group(4) is None
     assert CpuStagedExecutor().max_transfers_per_group(4) is None
+
+
+def test_staging_over_the_executors_limit_is_refused_before_anything_moves() -> None:
+    sched, cur, _ = _swap_schedule()
+    need = sched.staging_bytes_per_rank
+    assert need > 0
+    weights = [make_rank_weights(cur, r, 2, LAYOUT) for r in range(2)]
+    before = [t.clone() for w in weights for layer in w for t in layer]
+    with pytest.raises(
+        ExecutorError,
+        match=rf"needs {need} bytes of staging per rank .*max_staging_bytes is {need - 1}; schedule with "
+        rf"ScheduleLimits\(staging_bytes_per_rank={need - 1}\)",
+    ):
+        LocalExecutor(LocalExecutor.Config(max_staging_bytes=need - 1)).run_ranks(sched, weights)
+    after = [t for w in weights for layer in w for t in layer]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    LocalExecutor(LocalExecutor.Config(max_staging_bytes=need)).run_ranks(sched, weights)
+
+
+def test_a_failure_names_the_section_kind_and_the_layer_states_come_from_one_place() -> None:
+    from eplb.executors.base import Section, layer_states
+
+    sched, cur, _ = _swap_schedule()
+
+    class Faulty(LocalExecutor):
+        def begin_transfers(self, ctx: Any) -> None:
+            if ctx.round == 0:
+                raise RuntimeError("injected")
+            super().begin_transfers(ctx)
+
+    weights = [make_rank_weights(cur, r, 2, LAYOUT) for r in range(2)]
+    with pytest.raises(ExecutionError, match=r"local executor: failed in round 0 transfers") as info:
+        Faulty().run_ranks(sched, weights)
+    done, untouched, partial = layer_states(sched, 0)
+    assert (info.value.completed_layers, info.value.untouched_layers, info.value.partial_layers) == (
+        done,
+        untouched,
+        partial,
+    )
+    assert info.value.group_usable and info.value.waited_seconds is None
+    assert Section.TRANSFERS.label == "transfers" and int(Section.AFTER) == 2
+
+
+def test_fingerprint_tells_schedules_of_one_shape_apart_and_is_stable() -> None:
+    from eplb.executors.base import schedule_fingerprint
+
+    sched, cur, _ = _swap_schedule()
+    again, *_ = _swap_schedule()
+    assert schedule_fingerprint(sched) == schedule_fingerprint(again)
+    other_tgt = ModelPlacement.from_lists([[3, 2, 1, 0]] * 3, num_ranks=2)
+    other = make_schedule(
+        compile_plan(cur, other_tgt, Topology.uniform(2, 2), expert_bytes=EB), ScheduleLimits(max_ops_per_group=2)
+    )
+    assert schedule_fingerprint(other) != schedule_fingerprint(sched)
+    assert 0 <= schedule_fingerprint(sched) < 1 << 63  # fits the agreement's int64

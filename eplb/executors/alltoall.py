@@ -18,19 +18,41 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import Executor, ExecutorError, PackedExecutor, RunContext, iter_peer_order
+from eplb.executors.base import (
+    Executor,
+    ExecutorError,
+    PackedExecutor,
+    PackedState,
+    RunContext,
+    RunState,
+    gpu_link_reason,
+    iter_peer_order,
+    pack_expert,
+    unpack_expert,
+)
 from eplb.ir.ops import Recv, Send
-from eplb.ir.topology import Topology, Transport
+from eplb.ir.topology import Topology
 
 __all__ = ["AllToAllExecutor"]
 
 _UNBOUNDED = 1 << 62
 
 
+@attrs.define
+class _AllToAllState(PackedState):
+    """All-to-alls per round, experts per peer per all-to-all, and the packed buffers."""
+
+    chunks: list[int] = attrs.field(factory=list)
+    per_peer: int = _UNBOUNDED
+    send_buf: torch.Tensor | None = None
+    recv_buf: torch.Tensor | None = None
+
+
 class AllToAllExecutor(PackedExecutor):
     """``all_to_all_single`` per round (NCCL on GPUs, gloo on CPUs)."""
 
     name = "alltoall"
+    collective = True
 
     @attrs.frozen(kw_only=True)
     class Config(Executor.Config):
@@ -43,14 +65,9 @@ class AllToAllExecutor(PackedExecutor):
 
     @classmethod
     def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
-        if device_type == "cuda":
-            if topology.num_nodes == 1 and Transport.P2P not in topology.transports:
-                return "the topology has no GPU peer access (Transport.P2P) inside its node"
-            if topology.num_nodes > 1 and Transport.GPUDIRECT not in topology.transports:
-                return f"its {topology.num_nodes} nodes have no GPUDirect transport between GPUs"
-        return None
+        return gpu_link_reason(topology) if device_type == "cuda" else None
 
-    def setup(self, ctx: RunContext) -> None:
+    def setup(self, ctx: RunContext) -> RunState:
         super().setup(ctx)
         assert ctx.rank is not None
         eb, me = ctx.expert_bytes, ctx.rank
@@ -70,22 +87,27 @@ class AllToAllExecutor(PackedExecutor):
             sends = sum(min(n, per_peer) for (a, _), n in pairs.items() if a == me)
             recvs = sum(min(n, per_peer) for (_, b), n in pairs.items() if b == me)
             send_max, recv_max = max(send_max, sends), max(recv_max, recvs)
-        ctx.state["chunks"] = chunks
-        ctx.state["per_peer"] = per_peer
-        ctx.state["send_buf"] = torch.empty(send_max * eb, dtype=torch.uint8, device=ctx.device)
-        ctx.state["recv_buf"] = torch.empty(recv_max * eb, dtype=torch.uint8, device=ctx.device)
         ctx.buffer_bytes = (send_max + recv_max) * eb
+        return _AllToAllState(
+            chunks=chunks,
+            per_peer=per_peer,
+            send_buf=torch.empty(send_max * eb, dtype=torch.uint8, device=ctx.device),
+            recv_buf=torch.empty(recv_max * eb, dtype=torch.uint8, device=ctx.device),
+        )
 
-    def post_transfers(self, ctx: RunContext) -> None:
-        num_chunks = ctx.state["chunks"][ctx.round]
+    def post(self, ctx: RunContext) -> None:
+        state = ctx.state
+        assert isinstance(state, _AllToAllState)
+        num_chunks = state.chunks[ctx.round]
         if not num_chunks:
             return
         num_ranks = ctx.schedule.plan.topology.num_ranks
-        eb, per_peer = ctx.expert_bytes, ctx.state["per_peer"]
-        sends = dict(iter_peer_order(ctx.state["sends"]))
-        recvs = dict(iter_peer_order(ctx.state["recvs"]))
-        send_buf: torch.Tensor = ctx.state["send_buf"]
-        recv_buf: torch.Tensor = ctx.state["recv_buf"]
+        eb, per_peer = ctx.expert_bytes, state.per_peer
+        sends = dict(iter_peer_order(state.sends))
+        recvs = dict(iter_peer_order(state.recvs))
+        send_buf, recv_buf = state.send_buf, state.recv_buf
+        assert send_buf is not None and recv_buf is not None
+        deadline = self.deadline()
         for c in range(num_chunks):
             lo = c * per_peer
             hi = lo + per_peer
@@ -95,10 +117,7 @@ class AllToAllExecutor(PackedExecutor):
                 part = ops[lo:hi] if lo < len(ops) else []
                 for op in part:
                     assert isinstance(op, Send)
-                    for t in ctx.tensors(op.rank, op.layer, op.src):
-                        n = t.numel() * t.element_size()
-                        send_buf[offset : offset + n].copy_(_bytes(t), non_blocking=True)
-                        offset += n
+                    offset += pack_expert(send_buf[offset:], ctx.tensors(op.rank, op.layer, op.src))
                 in_splits[peer] = len(part) * eb
             used_out = 0
             for peer, ops in recvs.items():
@@ -113,18 +132,10 @@ class AllToAllExecutor(PackedExecutor):
                 group=ctx.group,
                 async_op=True,
             )
-            assert work is not None
-            work.wait(self.timeout())
+            deadline.wait(work)
             offset = 0
             for _peer, ops in recvs.items():
                 for op in ops[lo:hi] if lo < len(ops) else []:
                     assert isinstance(op, Recv)
-                    for t in ctx.tensors(op.rank, op.layer, op.dst):
-                        n = t.numel() * t.element_size()
-                        _bytes(t).copy_(recv_buf[offset : offset + n], non_blocking=True)
-                        offset += n
+                    offset += unpack_expert(recv_buf[offset:], ctx.tensors(op.rank, op.layer, op.dst))
 
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (writes go through to ``t``)."""
-    return t.reshape(-1).view(torch.uint8)

@@ -16,16 +16,34 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import Executor, PackedExecutor, RunContext, RunReport, Weights
+from eplb.executors.base import (
+    Executor,
+    PackedExecutor,
+    PackedState,
+    RunContext,
+    RunState,
+    pack_expert,
+    unpack_expert,
+)
 from eplb.executors.p2p import global_rank
 from eplb.ir.ops import Recv, Send
-from eplb.ir.schedule import Schedule
 from eplb.ir.topology import Topology, Transport
 
 __all__ = ["CpuStagedExecutor"]
+
+
+@attrs.define
+class _StagedState(PackedState):
+    """Pinned host rows for the busiest round's sends and receives, and the copy stream (CUDA
+    weights only; None on CPU weights, which are sent from the slots)."""
+
+    host_send: torch.Tensor | None = None
+    host_recv: torch.Tensor | None = None
+    stream: Any = None
 
 
 class CpuStagedExecutor(PackedExecutor):
@@ -53,41 +71,36 @@ class CpuStagedExecutor(PackedExecutor):
             self._host_groups[key] = dist.new_group(ranks=ranks, backend="gloo")
         return self._host_groups[key]
 
-    def run(
-        self,
-        schedule: Schedule,
-        weights: Weights,
-        group: Any = None,
-        *,
-        rank: int | None = None,
-        verified: bool = False,
-    ) -> RunReport:
-        if dist.is_available() and dist.is_initialized():
-            group = self.host_group(group)
-        return super().run(schedule, weights, group, rank=rank, verified=verified)
+    def transport_group(self, group: Any) -> Any:
+        return self.host_group(group)
 
-    def setup(self, ctx: RunContext) -> None:
+    def setup(self, ctx: RunContext) -> RunState:
         super().setup(ctx)
         if ctx.device.type != "cuda":
-            return
+            return _StagedState()
         me = ctx.rank
         sends = recvs = 0
         for rnd in ctx.schedule.rounds:
             kinds = Counter(type(op) for op in rnd.transfers if op.rank == me)
             sends, recvs = max(sends, kinds[Send]), max(recvs, kinds[Recv])
         eb = ctx.expert_bytes
-        ctx.state["host_send"] = torch.empty((sends, eb), dtype=torch.uint8, pin_memory=True)
-        ctx.state["host_recv"] = torch.empty((recvs, eb), dtype=torch.uint8, pin_memory=True)
-        ctx.state["stream"] = torch.cuda.Stream(device=ctx.device)  # type: ignore[no-untyped-call]
         ctx.host_buffer_bytes = (sends + recvs) * eb
+        return _StagedState(
+            host_send=torch.empty((sends, eb), dtype=torch.uint8, pin_memory=True),
+            host_recv=torch.empty((recvs, eb), dtype=torch.uint8, pin_memory=True),
+            stream=torch.cuda.Stream(device=ctx.device),  # type: ignore[no-untyped-call]
+        )
 
-    def post_transfers(self, ctx: RunContext) -> None:
-        sends: list[Send] = ctx.state.pop("sends", [])
-        recvs: list[Recv] = ctx.state.pop("recvs", [])
+    def post(self, ctx: RunContext) -> None:
+        state = ctx.state
+        assert isinstance(state, _StagedState)
+        sends, recvs = list(state.sends), list(state.recvs)
+        state.sends.clear()
+        state.recvs.clear()
         if not sends and not recvs:
             return
         if ctx.device.type == "cuda":
-            self._post_cuda(ctx, sends, recvs)
+            self._post_cuda(ctx, state, sends, recvs)
         else:
             self._post_host(ctx, sends, recvs)
 
@@ -111,16 +124,12 @@ class CpuStagedExecutor(PackedExecutor):
             peer = global_rank(ctx.group, sop.dst_rank)
             for k, t in enumerate(ctx.tensors(sop.rank, sop.layer, sop.src)):
                 works.append(dist.isend(t, peer, ctx.group, tag * k_count + k))
-        timeout = self.timeout()
-        for work in works:
-            assert work is not None
-            work.wait(timeout)
+        self.wait_all(works)
 
-    def _post_cuda(self, ctx: RunContext, sends: list[Send], recvs: list[Recv]) -> None:
-        host_send: torch.Tensor = ctx.state["host_send"]
-        host_recv: torch.Tensor = ctx.state["host_recv"]
-        stream: torch.cuda.Stream = ctx.state["stream"]
-        timeout = self.timeout()
+    def _post_cuda(self, ctx: RunContext, state: _StagedState, sends: list[Send], recvs: list[Recv]) -> None:
+        host_send, host_recv, stream = state.host_send, state.host_recv, state.stream
+        assert host_send is not None and host_recv is not None
+        deadline = self.deadline()
         # Receives first, so peers' sends find them posted.
         recv_works = []
         for j, (op, tag) in enumerate(zip(recvs, self._tags(recvs), strict=True)):
@@ -130,7 +139,7 @@ class CpuStagedExecutor(PackedExecutor):
         events = []
         with torch.cuda.stream(stream):
             for j, sop in enumerate(sends):
-                _pack(host_send[j], ctx.tensors(sop.rank, sop.layer, sop.src))
+                pack_expert(host_send[j], ctx.tensors(sop.rank, sop.layer, sop.src))
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(stream)
                 events.append(event)
@@ -139,28 +148,9 @@ class CpuStagedExecutor(PackedExecutor):
             events[j].synchronize()  # send each expert as soon as its copy is done
             send_works.append(dist.isend(host_send[j], global_rank(ctx.group, sop.dst_rank), ctx.group, tag))
         for j, op in enumerate(recvs):
-            work = recv_works[j]
-            assert work is not None
-            work.wait(timeout)
-            _unpack(host_recv[j], ctx.tensors(op.rank, op.layer, op.dst))
-        for work in send_works:
-            assert work is not None
-            work.wait(timeout)
+            deadline.wait(recv_works[j])
+            unpack_expert(host_recv[j], ctx.tensors(op.rank, op.layer, op.dst))
+        self.wait_all(send_works, deadline)
         # The host rows are reused next round: the host-to-device copies must be done.
         torch.cuda.current_stream(ctx.device).synchronize()
 
-
-def _pack(row: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        flat = t.reshape(-1).view(torch.uint8)
-        row[offset : offset + flat.numel()].copy_(flat, non_blocking=True)
-        offset += flat.numel()
-
-
-def _unpack(row: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        flat = t.reshape(-1).view(torch.uint8)
-        flat.copy_(row[offset : offset + flat.numel()], non_blocking=True)
-        offset += flat.numel()

@@ -6,36 +6,47 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from eplb.executors.base import (
-    ExecutionError,
+    Agreement,
     Executor,
+    LocalAgreement,
     RunContext,
     RunReport,
+    RunState,
     Weights,
     WeightsError,
     check_weights,
-    layer_last_rounds,
-    layer_states,
     verify_schedule,
 )
-from eplb.ir.ops import Op, Recv, Send
+from eplb.ir.ops import Recv, Send
 from eplb.ir.schedule import Schedule
 from eplb.ir.topology import Topology
 
 __all__ = ["LocalExecutor"]
 
 
+@attrs.define
+class _LocalState(RunState):
+    """The round's transfers by (layer, transfer id): [send, recv], joined in ``post``."""
+
+    pending: dict[tuple[int, int], list[Send | Recv | None]] = attrs.field(factory=dict)
+
+
 class LocalExecutor(Executor):
-    """Runs every rank's ops in one process; a Send and its Recv become one ``copy_``.
+    """Runs every rank's ops in one process, through the same loop as every backend; a Send and
+    its Recv become one ``copy_`` and the agreement is `LocalAgreement` (nothing to exchange).
 
     ``run`` takes the physical layout, ``weights[layer][k]`` shaped
     ``[num_ranks * slots_per_rank, ...]`` (slot p on rank p // slots_per_rank), and moves views
     of it; ``run_ranks`` takes ``weights[rank][layer][k]`` as each rank would hold them. The
     round semantics are the same as every backend's: ``before`` copies of every rank, then the
     group (no location is both read and written in a verified group, so direct copies are
-    exact), then ``after`` copies. A failure raises `ExecutionError` at once.
+    exact), then ``after`` copies. A failure raises `ExecutionError` at once; bad weights,
+    a schedule that fails verification or staging over the limit raise before the loop
+    (`WeightsError`, `PlanError`, `ExecutorError`).
     """
 
     name = "local"
@@ -87,82 +98,34 @@ class LocalExecutor(Executor):
             )
         for q, w in held.items():
             check_weights(schedule, w, f"weights[{q}]")
+        self.check_staging(schedule)
         ctx = RunContext(schedule=schedule, rank=None, group=None, weights=held, device=held[0][0][0].device)
-        self.setup(ctx)
-        setup_seconds = time.perf_counter() - t_start
-        round_seconds = []
-        try:
-            for k, rnd in enumerate(schedule.rounds):
-                t0 = time.perf_counter()
-                ctx.round = k
-                self._run_ops(ctx, rnd.before)
-                ctx.state["pending"] = {}
-                self._run_ops(ctx, rnd.transfers)
-                self._finish_group(ctx)
-                self._run_ops(ctx, rnd.after)
-                round_seconds.append(time.perf_counter() - t0)
-        finally:
-            self.teardown(ctx)
-        return RunReport(
-            backend=self.name,
-            rank=None,
-            num_rounds=schedule.num_rounds,
-            layers_completed=tuple(range(schedule.plan.num_layers)),
-            layer_last_round=layer_last_rounds(schedule),
-            bytes_sent=ctx.bytes_sent,
-            bytes_received=ctx.bytes_received,
-            bytes_copied=ctx.bytes_copied,
-            staging_bytes=ctx.staging_bytes,
-            buffer_bytes=0,
-            host_buffer_bytes=0,
-            setup_seconds=setup_seconds,
-            round_seconds=tuple(round_seconds),
-            wall_seconds=time.perf_counter() - t_start,
-        )
+        return self._loop(ctx, None, t_start)
 
-    def _run_ops(self, ctx: RunContext, ops: Sequence[Op]) -> None:
-        for op in ops:
-            try:
-                getattr(self, op.kind)(op, ctx)
-            except Exception as exc:
-                raise self._local_error(ctx, op, exc) from exc
+    def agreement(self, ctx: RunContext) -> Agreement:
+        return LocalAgreement()
 
-    def _local_error(self, ctx: RunContext, op: Op | None, exc: Exception) -> ExecutionError:
-        done, untouched, partial = layer_states(ctx.schedule, ctx.round)
-        where = ctx.describe(op) if op is not None else f"in the group of round {ctx.round}"
-        return ExecutionError(
-            f"local executor: failed {where}: {type(exc).__name__}: {exc}",
-            rank=op.rank if op is not None else None,
-            round=ctx.round,
-            layer=op.layer if op is not None else None,
-            op=str(op) if op is not None else None,
-            failed_ranks=(op.rank,) if op is not None else (),
-            completed_layers=done,
-            untouched_layers=untouched,
-            partial_layers=partial,
-        )
+    def setup(self, ctx: RunContext) -> RunState:
+        super().setup(ctx)
+        return _LocalState()
+
+    def begin_transfers(self, ctx: RunContext) -> None:
+        self._state(ctx).pending.clear()
 
     def send(self, op: Send, ctx: RunContext) -> None:
-        pair = ctx.state["pending"].setdefault((op.layer, op.transfer_id), [None, None])
-        pair[0] = op
+        self._state(ctx).pending.setdefault((op.layer, op.transfer_id), [None, None])[0] = op
         ctx.bytes_sent += ctx.expert_bytes
 
     def recv(self, op: Recv, ctx: RunContext) -> None:
-        pair = ctx.state["pending"].setdefault((op.layer, op.transfer_id), [None, None])
-        pair[1] = op
+        self._state(ctx).pending.setdefault((op.layer, op.transfer_id), [None, None])[1] = op
         ctx.bytes_received += ctx.expert_bytes
 
-    def post_transfers(self, ctx: RunContext) -> None:
-        self._finish_group(ctx)
-
-    def _finish_group(self, ctx: RunContext) -> None:
+    def post(self, ctx: RunContext) -> None:
         # A verified group never reads a location that it also writes, so the order of the
         # copies inside the group does not matter.
-        for send, recv in ctx.state.pop("pending", {}).values():
-            if send is None or recv is None:
-                raise self._local_error(
-                    ctx, send or recv, RuntimeError("a Send without its Recv in the same round")
-                )
+        for send, recv in self._state(ctx).pending.values():
+            if not isinstance(send, Send) or not isinstance(recv, Recv):
+                raise RuntimeError(f"{send or recv} has no matching op in round {ctx.round}")
             with torch.no_grad():
                 for dst, src in zip(
                     ctx.tensors(recv.dst_rank, recv.layer, recv.dst),
@@ -170,3 +133,8 @@ class LocalExecutor(Executor):
                     strict=True,
                 ):
                     dst.copy_(src, non_blocking=True)
+
+    @staticmethod
+    def _state(ctx: RunContext) -> _LocalState:
+        assert isinstance(ctx.state, _LocalState)
+        return ctx.state

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import Executor, RunContext
+from eplb.executors.base import Executor, RunContext, RunState, gpu_link_reason
 from eplb.ir.ops import Recv, Send
 from eplb.ir.schedule import Schedule
-from eplb.ir.topology import Topology, Transport
+from eplb.ir.topology import Topology
 
 __all__ = ["P2PExecutor", "global_rank", "peers_of"]
 
@@ -37,6 +38,14 @@ def peers_of(schedule_or_topology: Schedule | Topology, rank: int) -> list[int]:
     return sorted(peers)
 
 
+@attrs.define
+class _P2PState(RunState):
+    """The round's P2P calls, and the global rank of each peer (looked up once per run)."""
+
+    ops: list[dist.P2POp] = attrs.field(factory=list)
+    global_ranks: dict[int, int] = attrs.field(factory=dict)
+
+
 class P2PExecutor(Executor):
     """NCCL (or gloo) ``batch_isend_irecv``, one group per round, staging pool reused by all rounds."""
 
@@ -46,27 +55,22 @@ class P2PExecutor(Executor):
     def supports(cls, topology: Topology, *, device_type: str = "cuda") -> str | None:
         if device_type != "cuda":
             return f"it runs NCCL on CUDA devices; the weights are on {device_type!r} (use cpu_staged)"
-        if topology.num_nodes == 1 and Transport.P2P not in topology.transports:
-            return "the topology has no GPU peer access (Transport.P2P) inside its node"
-        if topology.num_nodes > 1 and Transport.GPUDIRECT not in topology.transports:
-            return (
-                f"its {topology.num_nodes} nodes have no GPUDirect transport between GPUs "
-                "(Transport.GPUDIRECT); NCCL would fall back to host copies anyway"
-            )
-        return None
+        return gpu_link_reason(topology)
 
     def max_transfers_per_group(self, tensors_per_expert: int) -> int | None:
         # Every transfer is one NCCL call per weight tensor, and NCCL groups of more than 256
         # calls can hang (pytorch#174288).
         return max(1, 256 // max(1, tensors_per_expert))
 
+    def setup(self, ctx: RunContext) -> RunState:
+        super().setup(ctx)
+        return _P2PState()
+
     def begin_transfers(self, ctx: RunContext) -> None:
-        ctx.state["ops"] = []
-        if "global" not in ctx.state:
-            ctx.state["global"] = {}
+        self._state(ctx).ops.clear()
 
     def _peer(self, ctx: RunContext, peer: int) -> int:
-        table: dict[int, int] = ctx.state["global"]
+        table = self._state(ctx).global_ranks
         if peer not in table:
             table[peer] = global_rank(ctx.group, peer)
         return table[peer]
@@ -74,22 +78,25 @@ class P2PExecutor(Executor):
     def send(self, op: Send, ctx: RunContext) -> None:
         peer = self._peer(ctx, op.dst_rank)
         for t in ctx.tensors(op.src_rank, op.layer, op.src):
-            ctx.state["ops"].append(dist.P2POp(dist.isend, t, peer, ctx.group))
+            self._state(ctx).ops.append(dist.P2POp(dist.isend, t, peer, ctx.group))
         ctx.bytes_sent += ctx.expert_bytes
 
     def recv(self, op: Recv, ctx: RunContext) -> None:
         peer = self._peer(ctx, op.src_rank)
         for t in ctx.tensors(op.dst_rank, op.layer, op.dst):
-            ctx.state["ops"].append(dist.P2POp(dist.irecv, t, peer, ctx.group))
+            self._state(ctx).ops.append(dist.P2POp(dist.irecv, t, peer, ctx.group))
         ctx.bytes_received += ctx.expert_bytes
 
-    def post_transfers(self, ctx: RunContext) -> None:
-        ops = ctx.state.pop("ops", [])
-        if not ops:
-            return
-        timeout = self.timeout()
-        for work in dist.batch_isend_irecv(ops):
-            work.wait(timeout)
+    def post(self, ctx: RunContext) -> None:
+        ops = self._state(ctx).ops
+        if ops:
+            self.wait_all(dist.batch_isend_irecv(ops))
+            ops.clear()
+
+    @staticmethod
+    def _state(ctx: RunContext) -> _P2PState:
+        assert isinstance(ctx.state, _P2PState)
+        return ctx.state
 
     def warmup(
         self,
@@ -113,9 +120,7 @@ class P2PExecutor(Executor):
             return []
         out = [torch.full((1,), me, dtype=torch.int32, device=device) for _ in peers]
         inp = [torch.empty(1, dtype=torch.int32, device=device) for _ in peers]
-        ops = _exchange_ops(group, peers, out, inp)
-        for work in dist.batch_isend_irecv(ops):
-            work.wait(self.timeout())
+        self.wait_all(dist.batch_isend_irecv(_exchange_ops(group, peers, out, inp)))
         return peers
 
 
