@@ -35,7 +35,8 @@ from __future__ import annotations
 from eplb.ir.errors import PlanError, Violation
 from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Round, Schedule, ScheduleLimits
-from eplb.planner.schedule._parse import _Load, _parse, _Unit
+from eplb.planner.schedule._bounds import staging_bound
+from eplb.planner.schedule._parse import _Layer, _Load, _parse, _Unit
 from eplb.planner.schedule._staging import _Built
 from eplb.planner.schedule._windows import SPREAD_STAGING, _build_window, _copy_homes, _split, _windows
 
@@ -69,16 +70,21 @@ def default_limits(plan: MigrationPlan) -> ScheduleLimits:
 def rounds_lower_bound(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> int:
     """Fewest rounds any schedule of ``plan`` needs under ``limits`` (default: `default_limits`)."""
     limits = limits or default_limits(plan)
-    layers = [_parse(plan, i) for i in range(plan.num_layers)]
-    depth = max((len(lay.units) for lay in layers), default=0)
-    return max(_Load.union([u.load for lay in layers for u in lay.units]).bound(limits), depth)
+    return _bound(plan, [_parse(plan, i) for i in range(plan.num_layers)], limits)
 
 
 def layer_lower_bound(plan: MigrationPlan, layer: int, limits: ScheduleLimits | None = None) -> int:
     """Fewest rounds layer ``layer`` alone needs under ``limits``."""
     limits = limits or default_limits(plan)
-    units = _parse(plan, layer).units
-    return max(_Load.union([u.load for u in units]).bound(limits), len(units))
+    return _bound(plan, [_parse(plan, layer)], limits)
+
+
+def _bound(plan: MigrationPlan, layers: list[_Layer], limits: ScheduleLimits) -> int:
+    """The most of: ops and peers per rank (`_Load`), the deepest layer's levels, and the
+    staging budget (`staging_bound`)."""
+    depth = max((len(lay.units) for lay in layers), default=0)
+    load = _Load.union([u.load for lay in layers for u in lay.units]).bound(limits)
+    return max(load, depth, staging_bound(layers, limits, plan.expert_bytes))
 
 
 def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
@@ -137,14 +143,13 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
             ],
         )
     out_rounds = tuple(Round._trusted(b, t, a) for b, t, a in zip(before, transfers, after, strict=True))
-    depth = max((len(lay.units) for lay in layers), default=0)
     # The rounds hold the plan's ops (checked when the plan was built) with buffers renamed into
     # the pool: no per-op scan; `verify` still checks every buffer against the pool.
     return Schedule._trusted(
         plan=plan,
         limits=limits,
         rounds=out_rounds,
-        rounds_lower_bound=max(_Load.union([u.load for u in units]).bound(limits), depth),
+        rounds_lower_bound=_bound(plan, layers, limits),
         staging_buffers_per_rank=pool,
     )
 
