@@ -25,9 +25,8 @@
    fit whenever every layer fits alone). Windows are built independently, each at most once.
 
 The lower bound (`rounds_lower_bound`) is, over all ranks, the most of ceil(distinct peers / k)
-and ceil(transfer ops / max_ops_per_group), and at least the deepest layer's level count. It
-ignores staging: with a staging budget of S experts per rank, a rank whose N Recvs all land in
-slots still to be read needs about N / S rounds whatever the order (docs/scheduler.md).
+and ceil(transfer ops / max_ops_per_group), at least the deepest layer's level count, and at least
+what the staging budget allows (`_bounds.staging_bound`, docs/scheduler.md).
 """
 
 from __future__ import annotations

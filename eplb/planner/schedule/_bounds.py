@@ -1,15 +1,17 @@
 """Round lower bounds under the limits in force: transfer ops and peers per rank (`_Load`),
 levels, and the staging budget (`staging_bound`).
 
-The staging bound. A Recv the plan stages, whose every wanted slot is still read by a Send of
-its layer, either stays staged (at most ``S`` = ``staging_bytes_per_rank // expert_bytes`` per
-rank per round: they all hold a buffer at the end of the group) or lands directly in a slot whose
-every Send ran in an earlier round (at most one per Send already run: each Send frees at most
-one slot). Recvs landing in slots nothing reads are not limited (all may run in round 1). So with
-``K`` = sum over ranks of min(S, its such Recvs) and ``U`` the others, the constrained transfers
-done by round j grow at most as ``c_j <= c_{j-1} + K + done_{j-1}``: the fewest rounds that
-reach every constrained Recv is a lower bound. It grows like log2(N / K): staging limits the
-first rounds, not every round, when later rounds may land in slots already read.
+The staging bound. Call a Recv constrained when the plan stages it and every slot it is copied
+to is still read by a Send of its layer (its slot's old expert must leave first). In a round it
+either is staged (its rank holds it in a buffer at the end of the group) or lands in a slot
+already freed (every Send reading it ran earlier, or its expert was copied to a buffer). Count,
+over the schedule so far: each transfer frees at most one slot, each landing or unstaging fills
+one, so the slots free and unfilled are at most the values held in buffers plus the ``U``
+unconstrained transfers. Buffers on a rank hold at most ``S`` = ``staging_bytes_per_rank //
+expert_bytes`` values at once. So a round completes at most ``K + U`` constrained Recvs, ``K`` =
+sum over ranks of min(S, the rank's constrained Recvs), and round 1 at most ``K`` (nothing is
+free yet): ``rounds >= 1 + ceil((N - K) / (K + U))`` for N constrained Recvs. This is the
+"N / S rounds" of a rank in a cycle of such transfers, summed over ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from eplb.ir.schedule import ScheduleLimits
-from eplb.planner.schedule._parse import _Layer
+from eplb.planner.schedule._parse import _ceil, _Layer
 
 
 def staging_bound(layers: list[_Layer], limits: ScheduleLimits, expert_bytes: int) -> int:
@@ -35,15 +37,9 @@ def staging_bound(layers: list[_Layer], limits: ScheduleLimits, expert_bytes: in
     if need == 0:
         return 0
     k = sum(min(budget, n) for n in per_rank.values())
-    done = c = rounds = 0
-    while c < need:
-        rounds += 1
-        new = min(need - c, k + done)
-        if new == 0:
-            return rounds  # no schedule exists (`schedule` raises); the bound stops here
-        c += new
-        done += new + (free if rounds == 1 else 0)
-    return rounds
+    if k + free == 0:
+        return 1  # nothing can land: no schedule exists (`schedule` raises)
+    return 1 + _ceil(max(0, need - k), k + free)
 
 
 def _constrained(lay: _Layer, per_rank: dict[int, int]) -> int:
