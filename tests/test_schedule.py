@@ -307,3 +307,27 @@ def test_staging_aware_bound_holds(
     limits = ScheduleLimits(max_peers_per_round=peers, staging_bytes_per_rank=budget)
     s = schedule(plan, limits)
     assert s.rounds_lower_bound <= s.num_rounds
+
+
+def test_submodules_are_modules_and_functions_import_as_before() -> None:
+    import importlib
+    import types
+
+    import eplb.planner
+
+    for name in ("schedule", "verify"):
+        module = importlib.import_module(f"eplb.planner.{name}")
+        assert isinstance(module, types.ModuleType)
+        assert getattr(eplb.planner, name) is module
+        assert callable(getattr(module, name))
+
+
+@given(cases())
+def test_plan_migration_is_compile_schedule_verify(case: tuple[ModelPlacement, ModelPlacement, Topology]) -> None:
+    from eplb.planner import plan_migration
+
+    current, target, topo = case
+    limits = ScheduleLimits(max_peers_per_round=2)
+    expected = schedule(compile_plan(current, target, topo, expert_bytes=10), limits)
+    assert plan_migration(current, target, topo, 10, limits) == expected
+    assert plan_migration(current, target, topo, 10) == schedule(compile_plan(current, target, topo, 10))
