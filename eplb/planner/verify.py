@@ -64,8 +64,8 @@ class _Machine:
 
     Call order: `check_allocation`; per round `run_copies` (before), `index_group`,
     `check_buffers`, `read_sends`, `check_recv_writes`, `check_matching`, `check_peer_order`,
-    `check_limits`, `write_recvs`, `run_copies` (after); then `check_plan_is_run` and
-    `check_target`.
+    `check_limits`, `write_recvs`, `run_copies` (after); then `check_pool_used`,
+    `check_plan_is_run` and `check_target`.
     """
 
     def __init__(self, schedule: Schedule) -> None:
@@ -74,6 +74,7 @@ class _Machine:
         self.limits = schedule.limits
         self.s_per = self.plan.topology.slots_per_rank
         self.pool = schedule.staging_buffers_per_rank
+        self.used = 0  # buffers the ops name: the highest index + 1 on any rank
         # What every location holds; a missing key is empty. A location is (rank, kind, index,
         # layer): slots are per layer, staging buffers one pool per rank shared by the layers
         # (layer -1). Kind and index rather than the `Loc`, whose hash is a Python call: this
@@ -96,6 +97,7 @@ class _Machine:
             yield from self.check_limits(g, k)
             self.write_recvs(g)
             yield from self.run_copies(rnd.after, k)
+        yield from self.check_pool_used()
         yield from self.check_plan_is_run()
         yield from self.check_target()
 
@@ -122,6 +124,9 @@ class _Machine:
         )
 
     def buffer_violation(self, op: Op, loc: Loc, rank: int, k: int) -> Violation | None:
+        """Called for every buffer an op names: records the highest, checks it is in the pool."""
+        if loc.index >= self.used:
+            self.used = loc.index + 1
         if loc.kind == "buffer" and loc.index >= self.pool:
             return Violation(
                 what=f"uses staging buffer {loc} but the pool has {self.pool} buffer(s) per rank",
@@ -135,8 +140,8 @@ class _Machine:
 
     # --- what the schedule allocates -----------------------------------------------------------
     def check_allocation(self) -> Iterator[Violation]:
-        """The staging pool fits ``staging_bytes_per_rank`` and is no larger than the buffers
-        the ops use: executors allocate the whole pool up front, on every rank."""
+        """The staging pool fits ``staging_bytes_per_rank``: executors allocate the whole pool up
+        front, on every rank."""
         schedule, limits, pool = self.schedule, self.limits, self.pool
         eb = self.plan.expert_bytes
         need, budget = schedule.staging_bytes_per_rank, limits.staging_bytes_per_rank
@@ -146,12 +151,11 @@ class _Machine:
                 f"staging_bytes_per_rank ({limits.staging_bytes_per_rank} B)",
                 fix=f"raise staging_bytes_per_rank to at least {need} or re-schedule under the limit",
             )
-        used = 0  # buffers the ops name: the highest index + 1 on any rank
-        for rnd in schedule.rounds:
-            for op in rnd.ops():
-                for loc in _locs(op):
-                    if loc.kind == "buffer" and loc.index >= used:
-                        used = loc.index + 1
+
+    def check_pool_used(self) -> Iterator[Violation]:
+        """The pool is no larger than the buffers the ops name (the highest index + 1 on any
+        rank, tracked while running): a buffer nothing uses is never needed."""
+        pool, used, eb = self.pool, self.used, self.plan.expert_bytes
         if pool > used:
             yield Violation(
                 what=f"allocates a staging pool of {pool} buffer(s) x {eb} B = {pool * eb} B per rank "
@@ -416,45 +420,73 @@ def _slot_writes_not_in_plan(schedule: Schedule) -> Iterator[Violation]:
     """The rounds write the slots the plan's Copies and Recvs write, with the same experts, as
     often: the scheduler may land a staged Recv in the slot its copy wrote (one copy fewer) and
     rename buffers, but no slot write may appear or vanish. Recvs must be the plan's too."""
-
-    def slot_writes(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int]]:
-        out: Counter[tuple[int, int, int, int]] = Counter()
-        for op in ops:
-            if isinstance(op, (Copy, Recv)) and op.dst.kind == "slot":
-                out[(op.layer, op.rank, op.dst.index, op.expert)] += 1
-        return out
-
-    def recv_keys(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int, int]]:
-        return Counter(
-            (op.layer, op.transfer_id, op.src_rank, op.dst_rank, op.expert)
-            for op in ops
-            if isinstance(op, Recv)
+    # The usual case, said fast: most of the rounds' Copies and Recvs are the plan's own objects
+    # (the scheduler moves them); only the others are compared by what they say, and the counts
+    # are taken over every op only where they differ.
+    planned_all: list[Op] = [op for lp in schedule.plan.layers for op in lp.ops if not isinstance(op, Send)]
+    round_all: list[Op] = [
+        op
+        for rnd in schedule.rounds
+        for ops in (rnd.before, rnd.transfers, rnd.after)
+        for op in ops
+        if not isinstance(op, Send)
+    ]
+    p_ids, r_ids = Counter(map(id, planned_all)), Counter(map(id, round_all))
+    if p_ids == r_ids:
+        return
+    common = p_ids & r_ids
+    p_left, r_left = _without(planned_all, common), _without(round_all, common)
+    fix = "schedule the plan again (eplb plan) rather than editing rounds or plan by hand"
+    p_recv, r_recv = _recv_keys(p_left), _recv_keys(r_left)
+    bad_recv = sorted(t for t in p_recv.keys() | r_recv.keys() if p_recv[t] != r_recv[t])
+    p_slot, r_slot = _slot_writes(p_left), _slot_writes(r_left)
+    bad_slot = sorted(w for w in p_slot.keys() | r_slot.keys() if p_slot[w] != r_slot[w])
+    if not bad_recv and not bad_slot:
+        return
+    p_recv, r_recv = _recv_keys(planned_all), _recv_keys(round_all)
+    for t in bad_recv:
+        layer, tid, a, b, e = t
+        yield Violation(
+            what=f"Recv of transfer #{tid} (r{a} -> r{b}, e{e}) is in the plan {p_recv[t]} "
+            f"time(s) and in the rounds {r_recv[t]} time(s)",
+            fix=fix,
+            layer=layer,
+            rank=b,
+        )
+    p_slot, r_slot = _slot_writes(planned_all), _slot_writes(round_all)
+    for w in bad_slot:
+        layer, rank, slot, e = w
+        yield Violation(
+            what=f"slot s{slot} is written with e{e} {p_slot[w]} time(s) by the plan's "
+            f"Copies and Recvs and {r_slot[w]} time(s) by the rounds",
+            fix=fix,
+            layer=layer,
+            rank=rank,
         )
 
-    planned_ops = [op for lp in schedule.plan.layers for op in lp.ops]
-    round_ops = [op for rnd in schedule.rounds for op in rnd.ops()]
-    fix = "schedule the plan again (eplb plan) rather than editing rounds or plan by hand"
-    p_recv, r_recv = recv_keys(planned_ops), recv_keys(round_ops)
-    if p_recv != r_recv:
-        for t in sorted(p_recv.keys() | r_recv.keys()):
-            if p_recv[t] != r_recv[t]:
-                layer, tid, a, b, e = t
-                yield Violation(
-                    what=f"Recv of transfer #{tid} (r{a} -> r{b}, e{e}) is in the plan {p_recv[t]} "
-                    f"time(s) and in the rounds {r_recv[t]} time(s)",
-                    fix=fix,
-                    layer=layer,
-                    rank=b,
-                )
-    planned, run = slot_writes(planned_ops), slot_writes(round_ops)
-    if planned != run:
-        for w in sorted(planned.keys() | run.keys()):
-            if planned[w] != run[w]:
-                layer, rank, slot, e = w
-                yield Violation(
-                    what=f"slot s{slot} is written with e{e} {planned[w]} time(s) by the plan's "
-                    f"Copies and Recvs and {run[w]} time(s) by the rounds",
-                    fix=fix,
-                    layer=layer,
-                    rank=rank,
-                )
+
+def _slot_writes(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int]]:
+    """(layer, rank, slot, expert) of every Copy and Recv into a slot."""
+    out: Counter[tuple[int, int, int, int]] = Counter()
+    for op in ops:
+        if isinstance(op, (Copy, Recv)) and op.dst.kind == "slot":
+            out[(op.layer, op.rank, op.dst.index, op.expert)] += 1
+    return out
+
+
+def _recv_keys(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int, int]]:
+    return Counter(
+        (op.layer, op.transfer_id, op.src_rank, op.dst_rank, op.expert) for op in ops if isinstance(op, Recv)
+    )
+
+
+def _without(ops: list[Op], common: Counter[int]) -> list[Op]:
+    """``ops`` less as many of each object as ``common`` counts (by id)."""
+    left = Counter(common)
+    out = []
+    for op in ops:
+        if left[id(op)] > 0:
+            left[id(op)] -= 1
+        else:
+            out.append(op)
+    return out
