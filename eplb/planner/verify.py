@@ -434,12 +434,17 @@ def _slot_writes_not_in_plan(schedule: Schedule) -> Iterator[Violation]:
     p_ids, r_ids = Counter(map(id, planned_all)), Counter(map(id, round_all))
     if p_ids == r_ids:
         return
-    common = p_ids & r_ids
-    p_left, r_left = _without(planned_all, common), _without(round_all, common)
+    if len(p_ids) == len(planned_all) and len(r_ids) == len(round_all):  # no object twice
+        common_ids = p_ids.keys() & r_ids.keys()
+        p_left = [op for op in planned_all if id(op) not in common_ids]
+        r_left = [op for op in round_all if id(op) not in common_ids]
+    else:
+        common = p_ids & r_ids
+        p_left, r_left = _without(planned_all, common), _without(round_all, common)
     fix = "schedule the plan again (eplb plan) rather than editing rounds or plan by hand"
-    p_recv, r_recv = _recv_keys(p_left), _recv_keys(r_left)
+    p_recv, p_slot = _recv_keys(p_left), _slot_writes(p_left)
+    r_recv, r_slot = _recv_keys(r_left), _slot_writes(r_left)
     bad_recv = sorted(t for t in p_recv.keys() | r_recv.keys() if p_recv[t] != r_recv[t])
-    p_slot, r_slot = _slot_writes(p_left), _slot_writes(r_left)
     bad_slot = sorted(w for w in p_slot.keys() | r_slot.keys() if p_slot[w] != r_slot[w])
     if not bad_recv and not bad_slot:
         return
@@ -475,9 +480,9 @@ def _slot_writes(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int]]:
 
 
 def _recv_keys(ops: Iterable[Op]) -> Counter[tuple[int, int, int, int, int]]:
-    return Counter(
-        (op.layer, op.transfer_id, op.src_rank, op.dst_rank, op.expert) for op in ops if isinstance(op, Recv)
-    )
+    """(layer, transfer id, src rank, dst rank, expert) of every Recv."""
+    recvs = [op for op in ops if isinstance(op, Recv)]
+    return Counter([(op.layer, op.transfer_id, op.src_rank, op.dst_rank, op.expert) for op in recvs])
 
 
 def _without(ops: list[Op], common: Counter[int]) -> list[Op]:
