@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 
@@ -278,3 +280,31 @@ def test_plan_recvs_must_be_what_the_rounds_run() -> None:
     plan = attrs.evolve(s.plan, layers=[attrs.evolve(lp, ops=[other if op is recv else op for op in lp.ops])])
     with pytest.raises(PlanError, match=rf"Recv of transfer #{recv.transfer_id} .* is in the plan 0 time\(s\)"):
         verify(attrs.evolve(s, plan=plan))
+
+
+def test_staging_pool_is_bounded_by_the_values_it_stages() -> None:
+    # The staged values renamed to end at b2999999: the pool matches the names, but n buffers do.
+    s = swap_schedule(ScheduleLimits(staging_bytes_per_rank=None))
+    shift = 3_000_000 - s.staging_buffers_per_rank
+
+    def rename(op: Any) -> Any:
+        if isinstance(op, Recv) and op.dst.is_buffer:
+            return attrs.evolve(op, dst=Loc.buffer(op.dst.index + shift))
+        if isinstance(op, Copy) and op.src.is_buffer:
+            return attrs.evolve(op, src=Loc.buffer(op.src.index + shift))
+        return op
+
+    rounds = [
+        attrs.evolve(
+            r,
+            before=[rename(c) for c in r.before],
+            transfers=[rename(t) for t in r.transfers],
+            after=[rename(c) for c in r.after],
+        )
+        for r in s.rounds
+    ]
+    bad = attrs.evolve(s, rounds=rounds, staging_buffers_per_rank=3_000_000)
+    with pytest.raises(
+        PlanError, match=r"names staging buffers up to b2999999 but no rank stages more than \d+ value"
+    ):
+        verify(bad)

@@ -75,6 +75,7 @@ class _Machine:
         self.s_per = self.plan.topology.slots_per_rank
         self.pool = schedule.staging_buffers_per_rank
         self.used = 0  # buffers the ops name: the highest index + 1 on any rank
+        self.staged: dict[int, int] = defaultdict(int)  # rank -> values written into buffers
         # What every location holds; a missing key is empty. A location is (rank, kind, index,
         # layer): slots are per layer, staging buffers one pool per rank shared by the layers
         # (layer -1). Kind and index rather than the `Loc`, whose hash is a Python call: this
@@ -154,13 +155,22 @@ class _Machine:
 
     def check_pool_used(self) -> Iterator[Violation]:
         """The pool is no larger than the buffers the ops name (the highest index + 1 on any
-        rank, tracked while running): a buffer nothing uses is never needed."""
+        rank) nor than the values any one rank ever stages (its Recvs and Copies into buffers):
+        both are tracked while running, so what a schedule allocates is bounded by what it moves."""
         pool, used, eb = self.pool, self.used, self.plan.expert_bytes
+        staged = max(self.staged.values(), default=0)
         if pool > used:
             yield Violation(
                 what=f"allocates a staging pool of {pool} buffer(s) x {eb} B = {pool * eb} B per rank "
                 f"but its ops use {used} buffer(s) ({used * eb} B)",
                 fix=f"set staging_buffers_per_rank to {used} (eplb plan computes it)",
+            )
+        if used > staged:
+            yield Violation(
+                what=f"names staging buffers up to b{used - 1} but no rank stages more than {staged} "
+                f"value(s): a pool of {used} x {eb} B = {used * eb} B per rank for {staged * eb} B staged",
+                fix=f"number the buffers from b0 (at most {staged} needed); schedule the plan again "
+                "(eplb plan)",
             )
 
     # --- one round ------------------------------------------------------------------------------
@@ -174,8 +184,10 @@ class _Machine:
             got = held.get(place(rank, src, layer))
             if got != claimed:
                 yield self.misread(op, rank, src, k, got)
-            if dst.kind == "buffer" and (v := self.buffer_violation(op, dst, rank, k)):
-                yield v
+            if dst.kind == "buffer":
+                self.staged[rank] += 1
+                if v := self.buffer_violation(op, dst, rank, k):
+                    yield v
             held[place(rank, dst, layer)] = claimed
 
     def index_group(self, transfers: tuple[Send | Recv, ...]) -> _Group:
@@ -200,8 +212,11 @@ class _Machine:
         """Every buffer a transfer names is in the pool."""
         for op in transfers:
             loc = op.src if isinstance(op, Send) else op.dst
-            if loc.kind == "buffer" and (v := self.buffer_violation(op, loc, op.rank, k)):
-                yield v
+            if loc.kind == "buffer":
+                if not isinstance(op, Send):
+                    self.staged[op.rank] += 1
+                if v := self.buffer_violation(op, loc, op.rank, k):
+                    yield v
 
     def read_sends(self, g: _Group, k: int) -> Iterator[Violation]:
         """Sends read at the start of the group: what each claims must be held."""
