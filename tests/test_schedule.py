@@ -331,3 +331,14 @@ def test_plan_migration_is_compile_schedule_verify(case: tuple[ModelPlacement, M
     expected = schedule(compile_plan(current, target, topo, expert_bytes=10), limits)
     assert plan_migration(current, target, topo, 10, limits) == expected
     assert plan_migration(current, target, topo, 10) == schedule(compile_plan(current, target, topo, 10))
+
+
+def test_layer_costs_count_the_copies_the_rounds_run() -> None:
+    # Rank 0 trades with three peers at one peer per round: later Recvs land straight in slots
+    # already sent, so the rounds run fewer copies than the plan lists.
+    topo = Topology.uniform(4, 2)
+    cur = ModelPlacement.from_lists([[0, 1, 2, 3, 4, 5, 6, 7]], num_ranks=4)
+    tgt = ModelPlacement.from_lists([[2, 4, 0, 3, 6, 7, 1, 5]], num_ranks=4)
+    s = schedule(compile_plan(cur, tgt, topo, 10), ScheduleLimits(max_peers_per_round=1))
+    run = sum(isinstance(op, Copy) and not op.dst.is_buffer for op in s.ops())
+    assert sum(row.local_copies for row in layer_costs(s)) == run < s.plan.local_copies
