@@ -54,7 +54,7 @@ def test_derived_maps_agree_with_physical_to_logical(p: Placement) -> None:
 def test_model_placement_conversions_round_trip(mp: ModelPlacement) -> None:
     arr = mp.to_numpy()
     assert arr.shape == (mp.num_layers, mp.num_physical_experts)
-    back = ModelPlacement.from_numpy(arr, num_ranks=mp.num_ranks, num_logical_experts=mp.num_logical_experts)
+    back = ModelPlacement.from_lists(arr, num_ranks=mp.num_ranks, num_logical_experts=mp.num_logical_experts)
     assert back == mp
     assert (
         ModelPlacement.from_lists(

@@ -196,3 +196,14 @@ def test_random_text_raises_only_serde_error(text: str) -> None:
     except SerdeError:
         return
     assert type(value) in TYPE_TAGS.values()
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+@pytest.mark.parametrize("where", ["top", "field"])
+def test_deeply_nested_json_raises_serde_error(depth: int, where: str) -> None:
+    # Python's JSON parser recurses per level: a RecursionError must not escape (the CLI turns
+    # only SerdeError into its one-line message and exit 2).
+    nest = "[" * depth + "]" * depth
+    text = nest if where == "top" else '{"schema_version": 1, "type": "schedule", "plan": ' + nest + "}"
+    with pytest.raises(SerdeError):
+        loads(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 
@@ -238,3 +240,71 @@ def test_rounds_must_run_exactly_the_plans_transfers() -> None:
         rf"e{send.expert}\) is in the plan 0 time\(s\) and in round\(s\) \[\d+\]",
     ):
         verify(attrs.evolve(s, plan=plan))
+
+
+def test_staging_pool_is_bounded_by_the_buffers_its_ops_use() -> None:
+    # No staging limit: only the buffers the ops name bound what executors allocate up front.
+    s = swap_schedule(ScheduleLimits(staging_bytes_per_rank=None))
+    used = s.staging_buffers_per_rank
+    assert used >= 1
+    huge = attrs.evolve(s, staging_buffers_per_rank=3_000_000)
+    with pytest.raises(
+        PlanError,
+        match=rf"allocates a staging pool of 3000000 buffer\(s\) x 10 B = 30000000 B per rank but its "
+        rf"ops use {used} buffer\(s\) \({used * 10} B\)",
+    ) as info:
+        verify(huge)
+    assert f"set staging_buffers_per_rank to {used}" in info.value.violations[0].fix
+
+
+def test_plan_copies_must_be_what_the_rounds_run() -> None:
+    # The rounds reach the target, but the embedded plan (what `inspect` counts) lists a local
+    # copy twice: the schedule is refused.
+    s = swap_schedule(ScheduleLimits())
+    lp = s.plan.layers[0]
+    copy = next(op for op in lp.ops if isinstance(op, Copy) and not op.dst.is_buffer)
+    plan = attrs.evolve(s.plan, layers=[attrs.evolve(lp, ops=[*lp.ops, copy])])
+    with pytest.raises(
+        PlanError,
+        match=rf"slot s{copy.dst.index} is written with e{copy.expert} 2 time\(s\) by the plan's "
+        r"Copies and Recvs and 1 time\(s\) by the rounds",
+    ):
+        verify(attrs.evolve(s, plan=plan))
+
+
+def test_plan_recvs_must_be_what_the_rounds_run() -> None:
+    s = swap_schedule(ScheduleLimits())
+    lp = s.plan.layers[0]
+    recv = next(op for op in lp.ops if isinstance(op, Recv))
+    other = attrs.evolve(recv, expert=(recv.expert + 1) % 8)
+    plan = attrs.evolve(s.plan, layers=[attrs.evolve(lp, ops=[other if op is recv else op for op in lp.ops])])
+    with pytest.raises(PlanError, match=rf"Recv of transfer #{recv.transfer_id} .* is in the plan 0 time\(s\)"):
+        verify(attrs.evolve(s, plan=plan))
+
+
+def test_staging_pool_is_bounded_by_the_values_it_stages() -> None:
+    # The staged values renamed to end at b2999999: the pool matches the names, but n buffers do.
+    s = swap_schedule(ScheduleLimits(staging_bytes_per_rank=None))
+    shift = 3_000_000 - s.staging_buffers_per_rank
+
+    def rename(op: Any) -> Any:
+        if isinstance(op, Recv) and op.dst.is_buffer:
+            return attrs.evolve(op, dst=Loc.buffer(op.dst.index + shift))
+        if isinstance(op, Copy) and op.src.is_buffer:
+            return attrs.evolve(op, src=Loc.buffer(op.src.index + shift))
+        return op
+
+    rounds = [
+        attrs.evolve(
+            r,
+            before=[rename(c) for c in r.before],
+            transfers=[rename(t) for t in r.transfers],
+            after=[rename(c) for c in r.after],
+        )
+        for r in s.rounds
+    ]
+    bad = attrs.evolve(s, rounds=rounds, staging_buffers_per_rank=3_000_000)
+    with pytest.raises(
+        PlanError, match=r"names staging buffers up to b2999999 but no rank stages more than \d+ value"
+    ):
+        verify(bad)

@@ -207,8 +207,6 @@ class ModelPlacement:
             )
         )
 
-    from_numpy = from_lists
-
     @classmethod
     def trivial(
         cls, *, num_layers: int, num_logical_experts: int, num_physical_experts: int, num_ranks: int

@@ -208,6 +208,11 @@ def loads(text: str | bytes, cls: type[T] | None = None) -> T:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SerdeError([("$", f"is not valid JSON ({exc}).")]) from None
+    except RecursionError:
+        # Python's parser recurses per nesting level; an eplb document nests a handful deep.
+        raise SerdeError(
+            [("$", "nests arrays or objects too deeply to parse; an eplb document nests a few levels.")]
+        ) from None
     return from_dict(doc, cls)
 
 

@@ -49,6 +49,7 @@ def predict_seconds(schedule: Schedule) -> float:
 class LayerCost:
     """One layer's share of a schedule, for ``eplb inspect``.
 
+    ``local_copies``: copies into slots the rounds run (direct landing drops some of the plan's);
     ``rounds``: rounds holding any of its ops; ``rounds_lower_bound``: its bound if scheduled
     alone; ``max_staging_buffers``: most staging buffers its ops name on one rank;
     ``predicted_seconds``: its own transfer time per round plus its share of each round's latency
@@ -76,6 +77,7 @@ def layer_costs(schedule: Schedule) -> list[LayerCost]:
     rounds_of: dict[int, set[int]] = defaultdict(set)
     buffers: dict[tuple[int, int], set[int]] = defaultdict(set)
     seconds: dict[int, float] = defaultdict(float)
+    copies: dict[int, int] = defaultdict(int)  # local copies into slots that the rounds run
     for k, rnd in enumerate(schedule.rounds):
         layers = {op.layer for op in rnd.ops()}
         for layer in layers:
@@ -84,6 +86,8 @@ def layer_costs(schedule: Schedule) -> list[LayerCost]:
                 rnd, plan.topology, plan.expert_bytes, layer
             )
         for op in rnd.ops():
+            if isinstance(op, Copy) and not op.dst.is_buffer:
+                copies[op.layer] += 1
             locs = (
                 (op.src, op.dst) if isinstance(op, Copy) else (op.src,) if isinstance(op, Send) else (op.dst,)
             )
@@ -97,7 +101,7 @@ def layer_costs(schedule: Schedule) -> list[LayerCost]:
             LayerCost(
                 layer=lp.layer,
                 transfers=lp.transfers,
-                local_copies=lp.local_copies,
+                local_copies=copies[lp.layer],
                 bytes_moved=lp.transfers * plan.expert_bytes,
                 rounds=len(rounds_of[lp.layer]),
                 rounds_lower_bound=layer_lower_bound(plan, lp.layer, schedule.limits),
