@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from eplb.io import layout_named, placement_bytes
     from eplb.ir.serde import dumps
     from eplb.planner.metrics import model_balancedness, summarize
+    from eplb.planner.pipeline import plan_migration
     from eplb.planner.rebalance import rebalance
 
     model = layout_named("deepseek-v3")  # the example's shape: 61 layers, MoE 3-60, 256 experts
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         _progress(f"planning window {window} with {policy}; compiling, scheduling, verifying")
         t = time.perf_counter()
         target = rebalance(load, topo, num_groups=ex.num_groups, current=current, policy=policy)
-        sched = _compile_schedule_verify(current, target, topo, ex.expert_bytes)
+        sched = plan_migration(current, target, topo, ex.expert_bytes)
         took = time.perf_counter() - t
         from eplb.planner.cost import predict_seconds
 
@@ -228,15 +229,6 @@ def _check_executor(name: str, topology: Any) -> None:
         raise CliError(str(exc).splitlines()[0]) from None
 
 
-def _compile_schedule_verify(current: Any, target: Any, topo: Any, expert_bytes: int) -> Any:
-    from eplb.planner.compile import compile_plan
-    from eplb.planner.schedule import default_limits, schedule
-    from eplb.planner.verify import verify
-
-    plan = compile_plan(current, target, topo, expert_bytes)
-    sched = schedule(plan, default_limits(plan))
-    verify(sched)
-    return sched
 
 
 def _print_report(r: dict[str, Any], num_windows: int) -> None:

@@ -29,16 +29,18 @@ def summary(sched: Any) -> dict[str, Any]:
     from eplb.planner.cost import layer_costs, predict_seconds
 
     plan = sched.plan
+    layers = layer_costs(sched)
     return {
         "transfers": plan.transfers,
-        "local_copies": plan.local_copies,
+        # The copies the rounds run: direct landing drops some of the plan's.
+        "local_copies": sum(row.local_copies for row in layers),
         "bytes_moved": plan.bytes_moved,
         "rounds": sched.num_rounds,
         "rounds_lower_bound": sched.rounds_lower_bound,
         "max_staging_bytes_per_rank": sched.staging_bytes_per_rank,
         "predicted_seconds": predict_seconds(sched),
         "limits": attrs.asdict(sched.limits),
-        "layers": [attrs.asdict(row) for row in layer_costs(sched)],
+        "layers": [attrs.asdict(row) for row in layers],
     }
 
 
