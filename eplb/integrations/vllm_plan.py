@@ -165,14 +165,14 @@ def _starting_point(
     if old is None:
         return None, None
     if old.shape[1] == num_replicas and _is_full(old, num_e):
-        current = ModelPlacement.from_numpy(old, num_ranks=num_ranks, num_logical_experts=num_e)
+        current = ModelPlacement.from_lists(old, num_ranks=num_ranks, num_logical_experts=num_e)
         return current, current
     notes.append(
         f"elastic: old map {old.shape[1]} slots wide, or holding -1 or ids outside the load; "
         "surviving slots kept"
     )
     seed = seed_from_old(old, load, num_replicas)
-    return None, ModelPlacement.from_numpy(seed, num_ranks=num_ranks, num_logical_experts=num_e)
+    return None, ModelPlacement.from_lists(seed, num_ranks=num_ranks, num_logical_experts=num_e)
 
 
 def plan_for_vllm(
