@@ -15,9 +15,10 @@ Per layer (or per (layer, node) in hierarchical mode), vectorised over layers:
 4. **Local search**: swap a slot of the busiest rank with a lighter slot elsewhere while that
    lowers the busiest rank, keeping the spread rule of step 3. In the same round the next few
    busiest ranks each swap with a distinct light rank (rounds, not swaps, cost the time).
-5. **Floor**: with ``deepseek_floor`` (default), a layer where DeepSeek's greedy has a lighter
-   busiest rank takes DeepSeek's layer instead, so balancedness is never below ``deepseek``'s;
-   that layer may then stack two replicas of an expert on one rank.
+5. **Floor**: with ``deepseek_floor`` (default), DeepSeek's layer, with any copies it stacks
+   against the spread rule swapped apart, replaces a layer it beats. So balancedness is never
+   below ``deepseek``'s on a layer where DeepSeek keeps the spread rule, and no layer stacks
+   copies the rule forbids (where stacking is what made DeepSeek lighter, ``balanced`` is below it).
 
 Hierarchical mode (replicas stay on their group's node, as DeepSeek's) is on when ``num_groups %
 num_nodes == 0``; ``hierarchical=False`` plans globally, which balances better but lets a token's
@@ -34,13 +35,14 @@ from eplb.ir.errors import InvalidValueError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
 from eplb.planner.policies import register_policy
-from eplb.planner.policies.deepseek import (
-    balanced_packing,
-    busiest_rank_floor,
-    deepseek_array,
+from eplb.planner.policies._common import (
     is_uniform_nodes,
+    max_rank_load,
     to_model_placement,
+    unstack,
+    use_hierarchy,
 )
+from eplb.planner.policies.deepseek import balanced_packing, busiest_rank_floor, deepseek_array
 
 __all__ = ["BalancedInfo", "balanced", "max_rank_load", "plan_balanced", "use_hierarchy"]
 
@@ -59,21 +61,6 @@ class BalancedInfo:
     deepseek_layers: tuple[int, ...]  # layers taken from DeepSeek's greedy by the floor
     swaps: int  # local-search swaps applied, all layers
     repacked_rows: int  # rows the fast packing gave to the one-by-one packing
-
-
-def use_hierarchy(topology: Topology, num_groups: int, hierarchical: bool | None) -> bool:
-    """Resolve the ``hierarchical`` option: None means 'when groups split evenly over nodes'."""
-    nodes = topology.num_nodes
-    possible = nodes > 1 and num_groups % nodes == 0 and is_uniform_nodes(topology)
-    if hierarchical is None:
-        return possible
-    if hierarchical and not possible:
-        raise InvalidValueError(
-            "hierarchical",
-            f"needs num_groups ({num_groups}) to be a multiple of num_nodes ({nodes}) on nodes of equal, "
-            "contiguous rank ranges; pass hierarchical=False (or None to decide automatically).",
-        )
-    return bool(hierarchical)
 
 
 # --- step 1: groups to nodes --------------------------------------------------------------------
@@ -454,14 +441,6 @@ def solve_rows(
     return st.slot_expert, swaps, redone
 
 
-def max_rank_load(load: F64, p2l: I64, num_ranks: int) -> F64:
-    rows = np.arange(load.shape[0])[:, None]
-    counts = np.zeros_like(load, dtype=np.int64)
-    np.add.at(counts, (np.broadcast_to(rows, p2l.shape), p2l), 1)
-    share = load / np.maximum(counts, 1)
-    return np.asarray(share[rows, p2l].reshape(p2l.shape[0], num_ranks, -1).sum(axis=2).max(axis=1))
-
-
 def plan_balanced(
     load: F64,
     topology: Topology,
@@ -503,12 +482,25 @@ def plan_balanced(
         check = np.flatnonzero(mine > floor)
         if check.size:
             ds = deepseek_array(load[check], topology, num_groups)
+            ds = _unstacked(load[check], ds, num_r, num_r // topology.num_nodes if hier else num_r)
             better = max_rank_load(load[check], ds, num_r) < mine[check] * (1 - 1e-9)
             p2l = p2l.copy()
             p2l[check[better]] = ds[better]
             taken = tuple(int(i) for i in check[better])
     info = BalancedInfo(hierarchical=hier, deepseek_layers=taken, swaps=swaps, repacked_rows=redone)
     return p2l, info
+
+
+def _unstacked(load: F64, ds: I64, num_r: int, scope: int) -> I64:
+    """DeepSeek's layers ``ds`` with the copies it stacks against the spread rule swapped apart
+    (`unstack`); a layer where that fails keeps its stack and is dropped by the caller's
+    comparison only if it does not beat ``balanced``'s own layer."""
+    out: I64 = ds.copy()
+    for layer in range(ds.shape[0]):
+        fixed = unstack(load[layer], ds[layer], num_r, scope)
+        if fixed is not None:
+            out[layer] = fixed
+    return out
 
 
 @register_policy("balanced")
