@@ -7,15 +7,17 @@ there."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.ir import ModelPlacement, Topology
+from eplb.ir import InvalidValueError, ModelPlacement, Topology
 from eplb.planner.policies._common import spread_breaks, unstack, use_hierarchy
-from eplb.planner.policies.balanced import plan_balanced
+from eplb.planner.policies.balanced import plan_balanced, replica_counts
 from eplb.planner.policies.migration_aware import plan_migration_aware
 from eplb.planner.rebalance import make_topology, rebalance
 from tests.strategies import load_matrices
@@ -129,3 +131,46 @@ def test_qwen3_30b_lognormal_trade_keeps_the_spread_rule() -> None:
     current = ModelPlacement.from_lists(fresh.tolist(), num_ranks=8, num_logical_experts=128)
     out, _ = plan_migration_aware(drifted, topo, num_groups=1, current=current, tolerance=0.005)
     assert _breaks(out, topo, 1, 128, fresh) == 0
+
+
+# --- replica counts: the threshold search gives the greedy's counts -----------------------------------
+def _greedy_counts(w: np.ndarray, num_phy: int, num_ranks: int) -> np.ndarray:
+    """The slot-by-slot greedy `replica_counts` replaced (O(P) steps)."""
+    counts = np.ones(w.shape, dtype=np.int64)
+    rows = np.arange(w.shape[0])
+    for _ in range(num_phy - w.shape[1]):
+        score = w / counts
+        full = (counts >= num_ranks).all(axis=1)
+        idx = np.argmax(np.where(full[:, None] | (counts < num_ranks), score, -1.0), axis=1)
+        counts[rows, idx] += 1
+    return counts
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(1, 10),
+    st.integers(1, 6),
+    st.integers(0, 80),
+    st.sampled_from(["ties", "uniform", "extremes"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_replica_counts_match_the_slot_by_slot_greedy(n: int, ranks: int, more: int, kind: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        w = rng.integers(0, 4, size=(3, n)).astype(np.float64)
+    elif kind == "uniform":
+        w = rng.random((3, n)) * 100
+    else:
+        w = rng.choice([0.0, 1e-300, 1.0, 3.0, 1e300], size=(3, n))
+    assert np.array_equal(replica_counts(w, n + more, ranks), _greedy_counts(w, n + more, ranks))
+
+
+def test_rebalance_refuses_a_size_that_cannot_fit_in_memory(monkeypatch: Any) -> None:
+    """The error comes before any work: 800,000,000 slots would take minutes to even start."""
+    rb = importlib.import_module("eplb.planner.rebalance")  # the package's function shadows it
+
+    monkeypatch.setattr(rb, "_physical_memory", lambda: 16 * 2**30)
+    with pytest.raises(InvalidValueError, match=r"800000000 slots x 1 layers.*GiB.*use at most \d+ slots"):
+        rebalance(np.ones((1, 8)), make_topology(8, 800_000_000), num_groups=1)
+    out = rebalance(np.ones((1, 8)), make_topology(8, 16), num_groups=1)  # small sizes still plan
+    assert out.num_physical_experts == 16

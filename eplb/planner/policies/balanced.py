@@ -88,17 +88,70 @@ def pack_groups(group_load: F64, num_nodes: int) -> I64:
 # --- step 2: replica counts ---------------------------------------------------------------------
 def replica_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
     """``w: [B, n]`` -> counts ``[B, n]`` summing to ``num_phy``: greedy on load per replica,
-    capped at ``num_ranks`` replicas while any expert is below the cap."""
+    capped at ``num_ranks`` replicas while any expert is below the cap.
+
+    The greedy gives the ``k + 1``-th copy of expert ``e`` when ``w[e] / k`` is the highest score
+    left (ties to the lower index), so it takes the highest scores of ``{w[e] / k}``: found by
+    bisecting the threshold on its float bits (64 steps, O(B n) each), not slot by slot."""
     rows_n, n = w.shape
-    counts = np.ones((rows_n, n), dtype=np.int64)
-    rows = np.arange(rows_n)
-    for _ in range(num_phy - n):
-        score = w / counts
-        capped = np.where(counts < num_ranks, score, -1.0)
-        full: npt.NDArray[np.bool_] = np.asarray((counts >= num_ranks).all(axis=1))
-        idx = np.argmax(np.where(full[:, None], score, capped), axis=1)
-        counts[rows, idx] += 1
-    return counts
+    extra = num_phy - n
+    if extra <= 0:
+        return np.ones((rows_n, n), dtype=np.int64)
+    if extra <= n * (num_ranks - 1):  # every copy fits under the cap
+        return 1 + _top_scores(w, extra, 1, num_ranks - 1)
+    return num_ranks + _top_scores(w, extra - n * (num_ranks - 1), num_ranks, None)
+
+
+def _copies_at_least(w: F64, t: F64, k0: int, span: int | None) -> I64:
+    """``[B, n]``: how many of ``w / k`` for ``k`` in ``[k0, k0 + span)`` are ``>= t: [B, 1]``
+    (``t > 0``), with the same float division as the greedy."""
+    with np.errstate(over="ignore"):
+        top = np.floor(np.minimum(w / t, 2.0**52))
+    top += w / (top + 1) >= t  # floor's rounding is off by at most one either way
+    top -= (top >= 1) & (w / np.maximum(top, 1) < t)
+    got = np.maximum(top - k0 + 1, 0).astype(np.int64)
+    return got if span is None else np.asarray(np.minimum(got, span), dtype=np.int64)
+
+
+def _top_scores(w: F64, m: int, k0: int, span: int | None) -> I64:
+    """``[B, n]``: per row, how many of the ``m`` highest ``w[e] / k`` (``k`` in ``[k0, k0 +
+    span)``, ties to the lower ``e``) each expert has."""
+    rows_n, n = w.shape
+    out = np.zeros((rows_n, n), dtype=np.int64)
+    pos = w > 0
+    # Rows whose positive scores outnumber m (all of them with no span, if any is positive).
+    many = pos.any(axis=1) if span is None else span * pos.sum(axis=1) > m
+    rows = np.flatnonzero(many)
+    if rows.size:
+        wr = w[rows]
+        # Positive float64 values order as their bits do: bisect the threshold on the bits.
+        lo = np.zeros(rows.size, dtype=np.int64)  # count(lo) >= m (lo = 0 counts everything)
+        hi = (wr.max(axis=1) * 2).view(np.int64)  # count(hi) < m
+        for _ in range(64):
+            mid = lo + (hi - lo) // 2
+            done = mid == lo
+            if done.all():
+                break
+            ge = _copies_at_least(wr, np.maximum(mid.view(np.float64), 5e-324)[:, None], k0, span)
+            enough = ge.sum(axis=1) >= m
+            lo = np.where(~done & enough, mid, lo)
+            hi = np.where(~done & ~enough, mid, hi)
+        above = _copies_at_least(wr, hi.view(np.float64)[:, None], k0, span)  # all taken
+        at = _copies_at_least(wr, np.maximum(lo.view(np.float64), 5e-324)[:, None], k0, span) - above
+        need = m - above.sum(axis=1)
+        # Scores equal to the threshold (one per expert at most) go to the lowest indices.
+        take = np.minimum(at, np.maximum(need[:, None] - (np.cumsum(at, axis=1) - at), 0))
+        out[rows] = above + take
+    for b in np.flatnonzero(~many).tolist():  # every positive score, then zeros by index
+        out[b, pos[b]] = span if span is not None else 0
+        left = m - int(out[b].sum())
+        zeros = np.flatnonzero(~pos[b])
+        if span is None:
+            out[b, zeros[0]] += left
+            continue
+        fill = np.minimum(span, np.maximum(left - np.arange(zeros.size) * span, 0))
+        out[b, zeros] = fill
+    return out
 
 
 # --- step 3: replicas to ranks ------------------------------------------------------------------
