@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.ir import InvalidValueError, ModelPlacement, Topology
+from eplb.planner.policies import balanced as balanced_mod
 from eplb.planner.policies._common import spread_breaks, unstack, use_hierarchy
 from eplb.planner.policies.balanced import plan_balanced, replica_counts
 from eplb.planner.policies.migration_aware import plan_migration_aware
@@ -162,7 +163,13 @@ def test_replica_counts_match_the_slot_by_slot_greedy(n: int, ranks: int, more: 
         w = rng.random((3, n)) * 100
     else:
         w = rng.choice([0.0, 1e-300, 1.0, 3.0, 1e300], size=(3, n))
-    assert np.array_equal(replica_counts(w, n + more, ranks), _greedy_counts(w, n + more, ranks))
+    want = _greedy_counts(w, n + more, ranks)
+    assert np.array_equal(replica_counts(w, n + more, ranks), want)
+    saved, balanced_mod._SLOT_BY_SLOT = balanced_mod._SLOT_BY_SLOT, 0  # the bisection path too
+    try:
+        assert np.array_equal(replica_counts(w, n + more, ranks), want)
+    finally:
+        balanced_mod._SLOT_BY_SLOT = saved
 
 
 def test_rebalance_refuses_a_size_that_cannot_fit_in_memory(monkeypatch: Any) -> None:

@@ -97,9 +97,28 @@ def replica_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
     extra = num_phy - n
     if extra <= 0:
         return np.ones((rows_n, n), dtype=np.int64)
+    if extra <= _SLOT_BY_SLOT:
+        return _greedy_counts(w, num_phy, num_ranks)
     if extra <= n * (num_ranks - 1):  # every copy fits under the cap
         return 1 + _top_scores(w, extra, 1, num_ranks - 1)
     return num_ranks + _top_scores(w, extra - n * (num_ranks - 1), num_ranks, None)
+
+
+# Up to this many redundant slots a row, the slot-by-slot greedy is faster than the bisection's 64
+# steps (real models have 8-64); both give the same counts.
+_SLOT_BY_SLOT = 48
+
+
+def _greedy_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
+    rows_n, n = w.shape
+    counts = np.ones((rows_n, n), dtype=np.int64)
+    rows = np.arange(rows_n)
+    for _ in range(num_phy - n):
+        score = w / counts
+        full: npt.NDArray[np.bool_] = np.asarray((counts >= num_ranks).all(axis=1))
+        idx = np.argmax(np.where(full[:, None] | (counts < num_ranks), score, -1.0), axis=1)
+        counts[rows, idx] += 1
+    return counts
 
 
 def _copies_at_least(w: F64, t: F64, k0: int, span: int | None) -> I64:
@@ -549,7 +568,13 @@ def _unstacked(load: F64, ds: I64, num_r: int, scope: int) -> I64:
     (`unstack`); a layer where that fails keeps its stack and is dropped by the caller's
     comparison only if it does not beat ``balanced``'s own layer."""
     out: I64 = ds.copy()
-    for layer in range(ds.shape[0]):
+    num_l, num_p = ds.shape
+    num_e = load.shape[1]
+    # One pass finds the layers that stack at all (most do not); only those are repaired.
+    cnt = np.zeros((num_l, num_e, num_r), dtype=np.int64)
+    np.add.at(cnt, (np.arange(num_l)[:, None], ds, np.arange(num_p) // (num_p // num_r)), 1)
+    stacked = (cnt > -(-cnt.sum(axis=2, keepdims=True) // scope)).any(axis=(1, 2))
+    for layer in np.flatnonzero(stacked).tolist():
         fixed = unstack(load[layer], ds[layer], num_r, scope)
         if fixed is not None:
             out[layer] = fixed
