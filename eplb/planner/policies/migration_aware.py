@@ -41,6 +41,7 @@ import numpy.typing as npt
 from eplb.ir.errors import InvalidValueError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
+from eplb.planner.metrics import slots_moved
 from eplb.planner.policies import register_policy
 from eplb.planner.policies._common import (
     check_current,
@@ -506,11 +507,7 @@ def _breaks_spread(p2l: I64, cur: I64, num_r: int, scope: int) -> bool:
 
 def _moved(cur: I64, tgt: I64, s: int) -> int:
     """Slots of ``tgt`` whose rank held none of their expert in ``cur`` (one layer)."""
-    rank_of = np.arange(cur.size) // s
-    num_e = int(max(cur.max(), tgt.max())) + 1
-    held = np.zeros((cur.size // s, num_e), dtype=bool)
-    held[rank_of, cur] = True
-    return int((~held[rank_of, tgt]).sum())
+    return slots_moved(cur[None, :], tgt[None, :], num_ranks=cur.size // s)
 
 
 @register_policy("migration_aware")
