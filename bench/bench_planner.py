@@ -10,6 +10,7 @@ DeepSeek-R1 on 32 GB200s: hottest expert ~12x the mean. Each layer draws its own
 
     python bench/bench_planner.py                 # all shapes, ~2-4 minutes on 2 cores
     python bench/bench_planner.py --shapes v3 --torch-reference
+    python bench/bench_planner.py --against main.json   # main.json: a run of main's code
 """
 
 from __future__ import annotations
@@ -214,6 +215,37 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def print_against(rows: list[dict[str, Any]], old: list[dict[str, Any]]) -> None:
+    """Each re-plan of ``rows`` next to the same case of ``old``: x deepseek within each run,
+    balancedness and slots moved, ``WORSE`` where either got worse."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["shape"], r["skew"], r["case"], r["policy"], r.get("tolerance"))
+
+    def ds_time(rs: list[dict[str, Any]]) -> dict[tuple[Any, ...], float]:
+        return {(r["shape"], r["skew"], r["case"]): r["seconds"] for r in rs if r["policy"] == "deepseek"}
+
+    before, ds_old, ds_new = {key(r): r for r in old}, ds_time(old), ds_time(rows)
+    worse = 0
+    print("against the earlier run: x ds old -> new, balancedness old -> new, moved old -> new")
+    for r in rows:
+        o = before.get(key(r))
+        if o is None or r["policy"] == "deepseek":
+            continue
+        case = (r["shape"], r["skew"], r["case"])
+        bad = r["balancedness"] < o["balancedness"] - 1e-9
+        m_old, m_new = o["slots_moved_fraction"], r["slots_moved_fraction"]
+        bad |= m_new is not None and m_old is not None and m_new > m_old + 1e-12
+        worse += bad
+        moved = "" if m_new is None else f"{100 * m_old:6.2f}% -> {100 * m_new:6.2f}%"
+        print(
+            f"{r['shape']:10} {r['skew']:9} {r['case']:11} {r['policy']:16} {r.get('tolerance') or '':5} "
+            f"{o['seconds'] / ds_old[case]:6.1f} -> {r['seconds'] / ds_new[case]:6.1f}  "
+            f"{o['balancedness']:.4f} -> {r['balancedness']:.4f}  {moved}{'  WORSE' if bad else ''}"
+        )
+    print(f"worse than the earlier run in {worse} cases")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -230,6 +262,12 @@ def main() -> int:
         "--torch-reference", action="store_true", help="also time DeepSeek's torch original at V3 shape"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--against",
+        help="JSON of an earlier run with the same --seed, --shapes and --skews (they share one "
+        "random stream), e.g. of main's code: print time / deepseek's time for both and flag every "
+        "case where balancedness or slots moved got worse",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_planner.json"))
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -265,6 +303,8 @@ def main() -> int:
         r for r in bal if r["balancedness"] < ds[(r["shape"], r["skew"], r["case"])]["balancedness"] - 1e-12
     ]
     print(f"balanced below deepseek in {len(worse)} of {len(bal)} cases")
+    if args.against:
+        print_against(rows, json.loads(Path(args.against).read_text())["rows"])
     info["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at end: {info['load_average_1_5_15_at_end']}")
     out = Path(args.out)

@@ -10,6 +10,7 @@ half-computed.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
 from eplb.planner.load import as_load_matrix
 from eplb.planner.policies import get_policy
-from eplb.planner.policies.migration_aware import check_current
+from eplb.planner.policies._common import check_current
 
 __all__ = ["make_topology", "rebalance"]
 
@@ -66,6 +67,7 @@ def rebalance(
             f"{topology.slots_per_rank}); every expert needs a slot: use at least "
             f"{-(-num_e // topology.num_ranks)} slots per rank.",
         )
+    _check_fits_in_memory(arr.shape[0], num_p)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise InvalidValueError("num_groups", f"must be an int > 0 (got {num_groups!r}); 1 means no groups.")
     if num_e % num_groups:
@@ -93,6 +95,32 @@ def rebalance(
             f"policy {label!r} returned (layers, experts, slots, ranks) = {shape}, expected {want}."
         )
     return result
+
+
+# Peak memory of planning one slot: `balanced` and `deepseek` at 720,000 slots (1 layer, 8 ranks,
+# 256 experts) peaked at 2.1 KB per slot on the dev box (2026-12-02).
+_BYTES_PER_SLOT = 2200
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+def _check_fits_in_memory(num_layers: int, num_physical_experts: int) -> None:
+    """Refuse, before any work, a plan whose working memory exceeds this machine's RAM."""
+    have = _physical_memory()
+    need = num_layers * num_physical_experts * _BYTES_PER_SLOT
+    if have is not None and need > have:
+        most = max(1, have // (_BYTES_PER_SLOT * num_layers))
+        raise InvalidValueError(
+            "num_physical_experts",
+            f"({num_physical_experts} slots x {num_layers} layers) needs about {need / 2**30:.1f} GiB "
+            f"to plan (~{_BYTES_PER_SLOT} bytes a slot) but this machine has {have / 2**30:.1f} GiB; "
+            f"use at most {most} slots per layer (engines use the expert count plus a few per rank).",
+        )
 
 
 def _check_options(fn: Callable[..., ModelPlacement], options: dict[str, Any]) -> None:

@@ -12,28 +12,12 @@ placement), ``migration_aware`` (default with one). Add your own with `register_
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
-
-import numpy as np
-import numpy.typing as npt
+from typing import TypeVar
 
 from eplb.ir.errors import InvalidValueError
 from eplb.ir.placement import ModelPlacement
-from eplb.ir.topology import Topology
 
-__all__ = ["Policy", "available_policies", "get_policy", "register_policy"]
-
-
-class Policy(Protocol):
-    def __call__(
-        self,
-        load: npt.NDArray[np.float64],
-        topology: Topology,
-        *,
-        num_groups: int,
-        current: ModelPlacement | None,
-        **options: Any,
-    ) -> ModelPlacement: ...
+__all__ = ["available_policies", "get_policy", "register_policy"]
 
 
 _REGISTRY: dict[str, Callable[..., ModelPlacement]] = {}

@@ -15,9 +15,10 @@ Per layer (or per (layer, node) in hierarchical mode), vectorised over layers:
 4. **Local search**: swap a slot of the busiest rank with a lighter slot elsewhere while that
    lowers the busiest rank, keeping the spread rule of step 3. In the same round the next few
    busiest ranks each swap with a distinct light rank (rounds, not swaps, cost the time).
-5. **Floor**: with ``deepseek_floor`` (default), a layer where DeepSeek's greedy has a lighter
-   busiest rank takes DeepSeek's layer instead, so balancedness is never below ``deepseek``'s;
-   that layer may then stack two replicas of an expert on one rank.
+5. **Floor**: with ``deepseek_floor`` (default), DeepSeek's layer, with any copies it stacks
+   against the spread rule swapped apart, replaces a layer it beats. So balancedness is never
+   below ``deepseek``'s on a layer where DeepSeek keeps the spread rule, and no layer stacks
+   copies the rule forbids (where stacking is what made DeepSeek lighter, ``balanced`` is below it).
 
 Hierarchical mode (replicas stay on their group's node, as DeepSeek's) is on when ``num_groups %
 num_nodes == 0``; ``hierarchical=False`` plans globally, which balances better but lets a token's
@@ -34,13 +35,14 @@ from eplb.ir.errors import InvalidValueError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
 from eplb.planner.policies import register_policy
-from eplb.planner.policies.deepseek import (
-    balanced_packing,
-    busiest_rank_floor,
-    deepseek_array,
+from eplb.planner.policies._common import (
     is_uniform_nodes,
+    max_rank_load,
     to_model_placement,
+    unstack,
+    use_hierarchy,
 )
+from eplb.planner.policies.deepseek import balanced_packing, busiest_rank_floor, deepseek_array
 
 __all__ = ["BalancedInfo", "balanced", "max_rank_load", "plan_balanced", "use_hierarchy"]
 
@@ -59,21 +61,6 @@ class BalancedInfo:
     deepseek_layers: tuple[int, ...]  # layers taken from DeepSeek's greedy by the floor
     swaps: int  # local-search swaps applied, all layers
     repacked_rows: int  # rows the fast packing gave to the one-by-one packing
-
-
-def use_hierarchy(topology: Topology, num_groups: int, hierarchical: bool | None) -> bool:
-    """Resolve the ``hierarchical`` option: None means 'when groups split evenly over nodes'."""
-    nodes = topology.num_nodes
-    possible = nodes > 1 and num_groups % nodes == 0 and is_uniform_nodes(topology)
-    if hierarchical is None:
-        return possible
-    if hierarchical and not possible:
-        raise InvalidValueError(
-            "hierarchical",
-            f"needs num_groups ({num_groups}) to be a multiple of num_nodes ({nodes}) on nodes of equal, "
-            "contiguous rank ranges; pass hierarchical=False (or None to decide automatically).",
-        )
-    return bool(hierarchical)
 
 
 # --- step 1: groups to nodes --------------------------------------------------------------------
@@ -101,17 +88,89 @@ def pack_groups(group_load: F64, num_nodes: int) -> I64:
 # --- step 2: replica counts ---------------------------------------------------------------------
 def replica_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
     """``w: [B, n]`` -> counts ``[B, n]`` summing to ``num_phy``: greedy on load per replica,
-    capped at ``num_ranks`` replicas while any expert is below the cap."""
+    capped at ``num_ranks`` replicas while any expert is below the cap.
+
+    The greedy gives the ``k + 1``-th copy of expert ``e`` when ``w[e] / k`` is the highest score
+    left (ties to the lower index), so it takes the highest scores of ``{w[e] / k}``: found by
+    bisecting the threshold on its float bits (64 steps, O(B n) each), not slot by slot."""
+    rows_n, n = w.shape
+    extra = num_phy - n
+    if extra <= 0:
+        return np.ones((rows_n, n), dtype=np.int64)
+    if extra <= _SLOT_BY_SLOT:
+        return _greedy_counts(w, num_phy, num_ranks)
+    if extra <= n * (num_ranks - 1):  # every copy fits under the cap
+        return 1 + _top_scores(w, extra, 1, num_ranks - 1)
+    return num_ranks + _top_scores(w, extra - n * (num_ranks - 1), num_ranks, None)
+
+
+# Up to this many redundant slots a row, the slot-by-slot greedy is faster than the bisection's 64
+# steps (real models have 8-64); both give the same counts.
+_SLOT_BY_SLOT = 48
+
+
+def _greedy_counts(w: F64, num_phy: int, num_ranks: int) -> I64:
     rows_n, n = w.shape
     counts = np.ones((rows_n, n), dtype=np.int64)
     rows = np.arange(rows_n)
     for _ in range(num_phy - n):
         score = w / counts
-        capped = np.where(counts < num_ranks, score, -1.0)
         full: npt.NDArray[np.bool_] = np.asarray((counts >= num_ranks).all(axis=1))
-        idx = np.argmax(np.where(full[:, None], score, capped), axis=1)
+        idx = np.argmax(np.where(full[:, None] | (counts < num_ranks), score, -1.0), axis=1)
         counts[rows, idx] += 1
     return counts
+
+
+def _copies_at_least(w: F64, t: F64, k0: int, span: int | None) -> I64:
+    """``[B, n]``: how many of ``w / k`` for ``k`` in ``[k0, k0 + span)`` are ``>= t: [B, 1]``
+    (``t > 0``), with the same float division as the greedy."""
+    with np.errstate(over="ignore"):
+        top = np.floor(np.minimum(w / t, 2.0**52))
+    top += w / (top + 1) >= t  # floor's rounding is off by at most one either way
+    top -= (top >= 1) & (w / np.maximum(top, 1) < t)
+    got = np.maximum(top - k0 + 1, 0).astype(np.int64)
+    return got if span is None else np.asarray(np.minimum(got, span), dtype=np.int64)
+
+
+def _top_scores(w: F64, m: int, k0: int, span: int | None) -> I64:
+    """``[B, n]``: per row, how many of the ``m`` highest ``w[e] / k`` (``k`` in ``[k0, k0 +
+    span)``, ties to the lower ``e``) each expert has."""
+    rows_n, n = w.shape
+    out = np.zeros((rows_n, n), dtype=np.int64)
+    pos = w > 0
+    # Rows whose positive scores outnumber m (all of them with no span, if any is positive).
+    many = pos.any(axis=1) if span is None else span * pos.sum(axis=1) > m
+    rows = np.flatnonzero(many)
+    if rows.size:
+        wr = w[rows]
+        # Positive float64 values order as their bits do: bisect the threshold on the bits.
+        lo = np.zeros(rows.size, dtype=np.int64)  # count(lo) >= m (lo = 0 counts everything)
+        hi = (wr.max(axis=1) * 2).view(np.int64)  # count(hi) < m
+        for _ in range(64):
+            mid = lo + (hi - lo) // 2
+            done = mid == lo
+            if done.all():
+                break
+            ge = _copies_at_least(wr, np.maximum(mid.view(np.float64), 5e-324)[:, None], k0, span)
+            enough = ge.sum(axis=1) >= m
+            lo = np.where(~done & enough, mid, lo)
+            hi = np.where(~done & ~enough, mid, hi)
+        above = _copies_at_least(wr, hi.view(np.float64)[:, None], k0, span)  # all taken
+        at = _copies_at_least(wr, np.maximum(lo.view(np.float64), 5e-324)[:, None], k0, span) - above
+        need = m - above.sum(axis=1)
+        # Scores equal to the threshold (one per expert at most) go to the lowest indices.
+        take = np.minimum(at, np.maximum(need[:, None] - (np.cumsum(at, axis=1) - at), 0))
+        out[rows] = above + take
+    for b in np.flatnonzero(~many).tolist():  # every positive score, then zeros by index
+        out[b, pos[b]] = span if span is not None else 0
+        left = m - int(out[b].sum())
+        zeros = np.flatnonzero(~pos[b])
+        if span is None:
+            out[b, zeros[0]] += left
+            continue
+        fill = np.minimum(span, np.maximum(left - np.arange(zeros.size) * span, 0))
+        out[b, zeros] = fill
+    return out
 
 
 # --- step 3: replicas to ranks ------------------------------------------------------------------
@@ -454,14 +513,6 @@ def solve_rows(
     return st.slot_expert, swaps, redone
 
 
-def max_rank_load(load: F64, p2l: I64, num_ranks: int) -> F64:
-    rows = np.arange(load.shape[0])[:, None]
-    counts = np.zeros_like(load, dtype=np.int64)
-    np.add.at(counts, (np.broadcast_to(rows, p2l.shape), p2l), 1)
-    share = load / np.maximum(counts, 1)
-    return np.asarray(share[rows, p2l].reshape(p2l.shape[0], num_ranks, -1).sum(axis=2).max(axis=1))
-
-
 def plan_balanced(
     load: F64,
     topology: Topology,
@@ -503,12 +554,31 @@ def plan_balanced(
         check = np.flatnonzero(mine > floor)
         if check.size:
             ds = deepseek_array(load[check], topology, num_groups)
+            ds = _unstacked(load[check], ds, num_r, num_r // topology.num_nodes if hier else num_r)
             better = max_rank_load(load[check], ds, num_r) < mine[check] * (1 - 1e-9)
             p2l = p2l.copy()
             p2l[check[better]] = ds[better]
             taken = tuple(int(i) for i in check[better])
     info = BalancedInfo(hierarchical=hier, deepseek_layers=taken, swaps=swaps, repacked_rows=redone)
     return p2l, info
+
+
+def _unstacked(load: F64, ds: I64, num_r: int, scope: int) -> I64:
+    """DeepSeek's layers ``ds`` with the copies it stacks against the spread rule swapped apart
+    (`unstack`); a layer where that fails keeps its stack and is dropped by the caller's
+    comparison only if it does not beat ``balanced``'s own layer."""
+    out: I64 = ds.copy()
+    num_l, num_p = ds.shape
+    num_e = load.shape[1]
+    # One pass finds the layers that stack at all (most do not); only those are repaired.
+    cnt = np.zeros((num_l, num_e, num_r), dtype=np.int64)
+    np.add.at(cnt, (np.arange(num_l)[:, None], ds, np.arange(num_p) // (num_p // num_r)), 1)
+    stacked = (cnt > -(-cnt.sum(axis=2, keepdims=True) // scope)).any(axis=(1, 2))
+    for layer in np.flatnonzero(stacked).tolist():
+        fixed = unstack(load[layer], ds[layer], num_r, scope)
+        if fixed is not None:
+            out[layer] = fixed
+    return out
 
 
 @register_policy("balanced")

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
 from eplb.planner.policies import register_policy
+from eplb.planner.policies._common import is_uniform_nodes, to_model_placement
 
 __all__ = [
     "balanced_packing",
@@ -183,22 +184,6 @@ def rebalance_experts(
         log2phy, phy2log * width + phyrank, np.broadcast_to(np.arange(num_replicas), phy2log.shape), axis=1
     )
     return phy2log, log2phy.reshape(num_layers, num_log, width), logcnt
-
-
-def is_uniform_nodes(topology: Topology) -> bool:
-    """Whether nodes hold equal, contiguous rank ranges (what the hierarchical greedy assumes)."""
-    per_node = topology.num_ranks // topology.num_nodes
-    return topology.num_ranks % topology.num_nodes == 0 and all(
-        node == r // per_node for r, node in enumerate(topology.rank_to_node)
-    )
-
-
-def to_model_placement(p2l: I64, num_ranks: int, num_logical_experts: int) -> ModelPlacement:
-    """``[num_layers, num_physical_experts]`` ints -> `ModelPlacement` (Python ints convert ~10x
-    faster than numpy scalars)."""
-    return ModelPlacement.from_lists(
-        p2l.tolist(), num_ranks=num_ranks, num_logical_experts=num_logical_experts
-    )
 
 
 def deepseek_array(load: Any, topology: Topology, num_groups: int) -> I64:

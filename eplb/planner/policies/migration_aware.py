@@ -15,7 +15,8 @@ When the best move is a swap, every other rank above ``T`` takes its best swap w
 
 A slot "receives" when its rank held none of its new expert before the plan (a local copy is
 free), so undoing a move is free too. A second start, the current placement *recounted* to the
-fresh plan's replica counts (an expert with too many copies gives up those on its busiest ranks;
+fresh plan's replica counts (an expert with too many copies gives up those on the ranks holding
+most of it, then its busiest ranks;
 the freed slots take the missing replicas, heaviest on the lightest rank), is searched with swaps
 only. It goes first when some replica alone is above ``T`` under the current counts: then single
 moves rarely get there, since a heavy replica's rank must shed its partner too (two slots per
@@ -27,7 +28,9 @@ The candidate that reaches ``T`` moving fewest slots wins, so every layer ends a
 ``fresh - tolerance`` balanced.
 
 Moves respect the spread rule of `balanced` (at most ``ceil(replicas / ranks)`` copies of an expert
-per rank) and, in hierarchical mode, never put an expert on a node that holds none of it now.
+per rank, also after a re-purposed copy lowers its expert's count; a stack the current placement
+already had is excused while nothing moves there; a searched candidate that breaks it is dropped)
+and, in hierarchical mode, never put an expert on a node that holds none of it now.
 """
 
 from __future__ import annotations
@@ -38,9 +41,16 @@ import numpy.typing as npt
 from eplb.ir.errors import InvalidValueError
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
+from eplb.planner.metrics import slots_moved
 from eplb.planner.policies import register_policy
-from eplb.planner.policies.balanced import max_rank_load, plan_balanced, use_hierarchy
-from eplb.planner.policies.deepseek import to_model_placement
+from eplb.planner.policies._common import (
+    check_current,
+    max_rank_load,
+    spread_breaks,
+    to_model_placement,
+    use_hierarchy,
+)
+from eplb.planner.policies.balanced import plan_balanced
 
 __all__ = ["align_to_current", "check_current", "migration_aware", "plan_migration_aware"]
 
@@ -53,25 +63,6 @@ _EPS = 1e-12
 # (two receiving slots for a sliver of excess) wait, as a later step may find a cheaper move.
 # At Kimi-K2 shape 0 was 15-25% faster but moved ~1 point more of the slots; 1, 2-4x slower.
 _EXTRA_SWAP_SHARE = 0.1
-
-
-def check_current(current: ModelPlacement, load: F64, topology: Topology) -> None:
-    """``current`` must describe this model on this cluster; the error names the mismatch."""
-    num_l, num_e = load.shape
-    for name, have, want, fix in (
-        ("num_ranks", current.num_ranks, topology.num_ranks, "plan from scratch with current=None"),
-        (
-            "num_physical_experts",
-            current.num_physical_experts,
-            topology.num_physical_experts,
-            "plan from scratch with current=None",
-        ),
-        ("num_logical_experts", current.num_logical_experts, num_e, "pass the load of the same model"),
-        ("num_layers", current.num_layers, num_l, "pass one load row per MoE layer of the placement"),
-    ):
-        if have != want:
-            source = "load" if name in ("num_logical_experts", "num_layers") else "topology"
-            raise InvalidValueError(f"current.{name}", f"is {have} but the {source} has {want}; {fix}.")
 
 
 def _gain(loads: F64, new: F64, limit: float) -> F64:
@@ -166,6 +157,10 @@ class _Layer:
             new[np.arange(slots.size), :, ranks] += (load[targets] / (counts[targets] + 1))[None, :]
             gain = _gain(loads, new, limit)
             ok = (counts[a] > 1)[:, None] & (a[:, None] != targets[None, :])
+            # a loses a replica, so its cap may drop: no rank may keep more copies than the new cap.
+            left = cnt[a]
+            left[np.arange(slots.size), ranks] -= 1
+            ok &= (left.max(axis=1) <= -(-(counts[a] - 1) // self.scope))[:, None]
             ok &= self.allowed[ranks[:, None], targets[None, :]]
             ok &= cnt[targets[None, :], ranks[:, None]] < cap1[targets][None, :]
             cost = (~self.orig[targets[None, :], ranks[:, None]]).astype(np.int64) - self.need[slots][:, None]
@@ -402,7 +397,7 @@ def _plan_layer(
 
     def attempt(start: _Layer, how: str) -> bool:
         """Search from ``start``; True when it reached the limit moving at most ``small`` slots."""
-        if not _search(start, limit, moves):
+        if not _search(start, limit, moves) or _breaks_spread(start.p2l, cur, num_r, scope):
             return False
         tried.append((_moved(cur, start.p2l, s), start.p2l, how))
         return tried[-1][0] <= small
@@ -450,7 +445,9 @@ def _recount(load: F64, current: I64, target: I64, like: _Layer) -> I64 | None:
     rank_load: F64 = np.bincount(rank_of, weights=keep_w, minlength=num_r).astype(np.float64)
     for a in np.flatnonzero(have > target).tolist():
         slots = np.flatnonzero(current == a)
-        drop = slots[np.argsort(-rank_load[rank_of[slots]], kind="stable")[: have[a] - target[a]]]
+        # Ranks with the most copies give up theirs first (the cap falls with the count), then
+        # the busiest.
+        drop = slots[_drop_order(rank_of[slots], rank_load, num_r)[: have[a] - target[a]]]
         freed += drop.tolist()
         rank_load[rank_of[drop]] -= keep_w[drop]
         out[drop] = -1
@@ -472,6 +469,22 @@ def _recount(load: F64, current: I64, target: I64, like: _Layer) -> I64 | None:
     return out
 
 
+def _drop_order(ranks: I64, rank_load: F64, num_r: int) -> I64:
+    """Order of slots (on ``ranks``, one expert's) to give up: each time one on the rank with the
+    most copies left, the busiest on ties, so the copies left stay spread."""
+    left = np.bincount(ranks, minlength=num_r)
+    order = np.argsort(-rank_load[ranks], kind="stable")
+    out: list[int] = []
+    taken = np.zeros(ranks.size, dtype=bool)
+    for _ in range(ranks.size):
+        free = order[~taken[order]]
+        k = int(free[np.argmax(left[ranks[free]])])
+        out.append(k)
+        taken[k] = True
+        left[ranks[k]] -= 1
+    return np.array(out, dtype=np.int64)
+
+
 def _keep_unchanged_nodes(aligned: I64, current: I64, topology: Topology) -> I64 | None:
     """``aligned`` with every node that holds the same experts as in ``current`` given back its
     current slots; None when no node qualifies or every node does."""
@@ -486,13 +499,15 @@ def _keep_unchanged_nodes(aligned: I64, current: I64, topology: Topology) -> I64
     return out if 0 < kept < topology.num_nodes else None
 
 
+def _breaks_spread(p2l: I64, cur: I64, num_r: int, scope: int) -> bool:
+    """Whether ``p2l`` stacks copies the spread rule forbids (cells ``cur`` already broke and
+    nothing moved to are excused)."""
+    return bool(spread_breaks(p2l, int(max(p2l.max(), cur.max())) + 1, num_r, scope, cur).any())
+
+
 def _moved(cur: I64, tgt: I64, s: int) -> int:
     """Slots of ``tgt`` whose rank held none of their expert in ``cur`` (one layer)."""
-    rank_of = np.arange(cur.size) // s
-    num_e = int(max(cur.max(), tgt.max())) + 1
-    held = np.zeros((cur.size // s, num_e), dtype=bool)
-    held[rank_of, cur] = True
-    return int((~held[rank_of, tgt]).sum())
+    return slots_moved(cur[None, :], tgt[None, :], num_ranks=cur.size // s)
 
 
 @register_policy("migration_aware")
