@@ -15,7 +15,10 @@ from eplb.executors.base import RunContext
 from eplb.executors.local import LocalExecutor
 from eplb.ir import InvalidValueError, ModelPlacement
 from eplb.runtime import EplbState, LayerStatus, RearrangementError, RuntimeConfig
-from eplb.runtime.state import DEFAULT_BACKUP_LAYERS, _all_peer_placement, _Backup, _budget_chunks
+from eplb.runtime.chunking import all_peer_placement as _all_peer_placement
+from eplb.runtime.chunking import budget_chunks as _budget_chunks
+from eplb.runtime.state import DEFAULT_BACKUP_LAYERS
+from eplb.runtime.transaction import Backup as _Backup
 from examples.moe_ep import ExpertParallelMoE, MoEConfig, logical_weights, reference_forward
 
 CFG = MoEConfig(num_layers=2, num_experts=6, slots_per_rank=9, skew=4.0)
