@@ -291,7 +291,6 @@ class EplbState:
         self._reports: list[RearrangeReport] = []
         self.last_stats: dict[str, float] | None = None
         self.needs_new_group = False
-        self._control_broken = False  # a vote failed: the control group must be replaced too
         self._executor: Executor | None = None
         # Bytes of one slot of each layer (all its tensors): what backing up that slot costs.
         self._slot_bytes = [
@@ -402,22 +401,20 @@ class EplbState:
         return self._pending is not None
 
     def set_group(self, group: Any, *, control_group: Any = None) -> None:
-        """Use a new transfer group, after a fault left the old one unusable (`needs_new_group`).
+        """Use new groups after a fault left the old ones unusable (`needs_new_group`).
 
-        A collective when the fault also broke the control group (its vote failed) and no
-        ``control_group`` is given: a new gloo group over ``group``'s ranks is made here, so
-        every rank must call this."""
+        ``control_group`` None: a new gloo group over ``group``'s ranks is made here (a
+        collective: every rank calls this), since a vote that timed out may have left an
+        unmatched collective on the old one."""
         if dist.get_world_size(group) != self.num_ranks:
             raise InvalidValueError(
                 "group", f"has {dist.get_world_size(group)} ranks but the state spans {self.num_ranks}."
             )
-        if control_group is None and self._control_broken:
+        if control_group is None:
             control_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
-        if control_group is not None:
-            self.control_group = control_group
         self.group = group
+        self.control_group = control_group
         self.needs_new_group = False
-        self._control_broken = False
 
     # --- per pass ---------------------------------------------------------------------------------
     def step(
@@ -715,8 +712,6 @@ class EplbState:
             report.statuses[layer] = status
         if self.group is not None and not outcome.group_ok:
             self.needs_new_group = True
-        if not outcome.vote_ok:
-            self._control_broken = True
 
     def _failure(
         self, chunk: tuple[int, ...], outcome: Outcome, report: RearrangeReport
