@@ -72,6 +72,22 @@ def test_dummy_steps_advance_the_interval_but_record_no_load() -> None:
     assert int(state.global_load().sum()) == 16 * CFG.top_k * CFG.num_layers
 
 
+def test_step_takes_vllms_positional_call_the_same_as_keywords() -> None:
+    """vLLM 0.33's model runner calls ``step(is_dummy, is_profile, log_stats=...)``."""
+    x = torch.randn(16, CFG.hidden, dtype=CFG.dtype)
+    states = []
+    for positional in (True, False):
+        model = _model()
+        state = _state(model, step_interval=100, window_size=4)
+        model(x)
+        stats = state.step(True, False, log_stats=True) if positional else state.step(is_dummy=True, log_stats=True)
+        model(x)
+        state.step(False, False, True) if positional else state.step(is_dummy=False, log_stats=True)
+        states.append((stats, state.expert_rearrangement_step, state.global_load().tolist()))
+    assert states[0] == states[1]
+    assert states[0][1] == 77 and sum(map(sum, states[0][2])) == 16 * CFG.top_k * CFG.num_layers
+
+
 def test_the_window_keeps_the_last_passes_per_logical_expert() -> None:
     # A placement where logical expert 5 sits in local slot 0: the window must say expert 5.
     p2l = [[5, 1, 2, 3, 4, 0, 0, 1, 2]] * 2

@@ -418,9 +418,12 @@ class EplbState:
 
     # --- per pass ---------------------------------------------------------------------------------
     def step(
-        self, *, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
+        self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
     ) -> dict[str, float] | None:
         """End a forward pass: window its load, advance the interval, rearrange when due.
+
+        Takes vLLM 0.33's call as its model runner makes it, ``step(is_dummy, is_profile,
+        log_stats=...)``, as well as keywords.
 
         Returns the balancedness dict when ``log_stats`` (a collective: all ranks pass the same
         flag), else None. ``is_dummy``: the pass ran only to keep ranks in step; its load is
