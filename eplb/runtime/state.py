@@ -1,7 +1,9 @@
 """`EplbState`: the object an inference engine holds to record load and rebalance experts.
 
 It descends from vLLM's ``EplbState`` (``vllm/distributed/eplb/eplb_state.py``) and keeps its
-behaviour and shapes, framework-agnostic:
+behaviour, framework-agnostic, with per-local-slot shapes rather than vLLM 0.33's (docs/runtime.md
+lists what differs: load ``[L, P]``, window ``[W, L, P]``, ``logical_to_physical_map`` ``[L, E, 1024]``
+there):
 
 - maps, updated in place with ``copy_`` (storage never replaced, so CUDA graphs stay valid):
   ``physical_to_logical_map: [L, P]``, ``logical_to_physical_map: [L, E, P - E + 1]`` (-1 padded),
@@ -19,14 +21,16 @@ Call order on every rank of the expert-parallel group::
     state.profile()                 # once, in the engine's profile run
     for each forward pass:
         model(...)                  # adds to state.expert_load_pass
-        state.step(is_dummy=..., log_stats=...)   # may rearrange
+        state.step(is_dummy, is_profile, log_stats)   # may rearrange (keywords work too)
 
 `rearrange` runs: window -> logical load -> all-reduce -> policy -> compile -> schedule ->
 verify -> executor (`eplb.executors.select`) -> commit, in chunks of layers. A chunk's maps
 switch only after every rank reports its weights in place (one vote per chunk). With
 ``incremental=True`` one chunk moves per `step`, so serving never stalls for the whole model.
-Fault semantics: before a chunk runs, each rank copies the slots the chunk overwrites; if any
-rank fails, every layer of the chunk not completed on every rank gets its old weights back
+Fault semantics: each chunk is a transaction (backup -> run -> vote -> commit or restore;
+`eplb.runtime.transaction`): before it runs, each rank copies the slots the chunk overwrites; if
+any rank fails, dies or hangs (the vote failing included), every layer of the chunk not completed
+on every rank gets its old weights back, and every surviving rank raises `RearrangementError`
 (`layer_status` says which layers moved and which rolled back). Those copies are bounded: by
 default blocking mode cuts the changed layers into chunks whose copies fit
 ``RuntimeConfig.max_backup_bytes`` (default: `DEFAULT_BACKUP_LAYERS` layers' worth of a rank's
