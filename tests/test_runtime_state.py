@@ -15,7 +15,10 @@ from eplb.executors.base import RunContext
 from eplb.executors.local import LocalExecutor
 from eplb.ir import InvalidValueError, ModelPlacement
 from eplb.runtime import EplbState, LayerStatus, RearrangementError, RuntimeConfig
-from eplb.runtime.state import DEFAULT_BACKUP_LAYERS, _all_peer_placement, _Backup, _budget_chunks
+from eplb.runtime.chunking import all_peer_placement as _all_peer_placement
+from eplb.runtime.chunking import budget_chunks as _budget_chunks
+from eplb.runtime.state import DEFAULT_BACKUP_LAYERS
+from eplb.runtime.transaction import Backup as _Backup
 from examples.moe_ep import ExpertParallelMoE, MoEConfig, logical_weights, reference_forward
 
 CFG = MoEConfig(num_layers=2, num_experts=6, slots_per_rank=9, skew=4.0)
@@ -67,6 +70,22 @@ def test_dummy_steps_advance_the_interval_but_record_no_load() -> None:
     model(x)
     state.step()
     assert int(state.global_load().sum()) == 16 * CFG.top_k * CFG.num_layers
+
+
+def test_step_takes_vllms_positional_call_the_same_as_keywords() -> None:
+    """vLLM 0.33's model runner calls ``step(is_dummy, is_profile, log_stats=...)``."""
+    x = torch.randn(16, CFG.hidden, dtype=CFG.dtype)
+    states = []
+    for positional in (True, False):
+        model = _model()
+        state = _state(model, step_interval=100, window_size=4)
+        model(x)
+        stats = state.step(True, False, log_stats=True) if positional else state.step(is_dummy=True, log_stats=True)
+        model(x)
+        state.step(False, False, True) if positional else state.step(is_dummy=False, log_stats=True)
+        states.append((stats, state.expert_rearrangement_step, state.global_load().tolist()))
+    assert states[0] == states[1]
+    assert states[0][1] == 77 and sum(map(sum, states[0][2])) == 16 * CFG.top_k * CFG.num_layers
 
 
 def test_the_window_keeps_the_last_passes_per_logical_expert() -> None:

@@ -1,7 +1,9 @@
 """`EplbState`: the object an inference engine holds to record load and rebalance experts.
 
 It descends from vLLM's ``EplbState`` (``vllm/distributed/eplb/eplb_state.py``) and keeps its
-behaviour and shapes, framework-agnostic:
+behaviour, framework-agnostic, with per-local-slot shapes rather than vLLM 0.33's (docs/runtime.md
+lists what differs: load ``[L, P]``, window ``[W, L, P]``, ``logical_to_physical_map`` ``[L, E, 1024]``
+there):
 
 - maps, updated in place with ``copy_`` (storage never replaced, so CUDA graphs stay valid):
   ``physical_to_logical_map: [L, P]``, ``logical_to_physical_map: [L, E, P - E + 1]`` (-1 padded),
@@ -19,14 +21,16 @@ Call order on every rank of the expert-parallel group::
     state.profile()                 # once, in the engine's profile run
     for each forward pass:
         model(...)                  # adds to state.expert_load_pass
-        state.step(is_dummy=..., log_stats=...)   # may rearrange
+        state.step(is_dummy, is_profile, log_stats)   # may rearrange (keywords work too)
 
 `rearrange` runs: window -> logical load -> all-reduce -> policy -> compile -> schedule ->
 verify -> executor (`eplb.executors.select`) -> commit, in chunks of layers. A chunk's maps
 switch only after every rank reports its weights in place (one vote per chunk). With
 ``incremental=True`` one chunk moves per `step`, so serving never stalls for the whole model.
-Fault semantics: before a chunk runs, each rank copies the slots the chunk overwrites; if any
-rank fails, every layer of the chunk not completed on every rank gets its old weights back
+Fault semantics: each chunk is a transaction (backup -> run -> vote -> commit or restore;
+`eplb.runtime.transaction`): before it runs, each rank copies the slots the chunk overwrites; if
+any rank fails, dies or hangs (the vote failing included), every layer of the chunk not completed
+on every rank gets its old weights back, and every surviving rank raises `RearrangementError`
 (`layer_status` says which layers moved and which rolled back). Those copies are bounded: by
 default blocking mode cuts the changed layers into chunks whose copies fit
 ``RuntimeConfig.max_backup_bytes`` (default: `DEFAULT_BACKUP_LAYERS` layers' worth of a rank's
@@ -48,7 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.executors.base import ExecutionError, Executor
+from eplb.executors.base import Executor
 from eplb.executors.select import select_executor
 from eplb.ir.errors import EplbError, InvalidValueError
 from eplb.ir.placement import ModelPlacement, Placement
@@ -61,7 +65,10 @@ from eplb.planner.rebalance import rebalance
 from eplb.planner.schedule import default_limits
 from eplb.planner.schedule import schedule as schedule_plan
 from eplb.planner.verify import verify
+from eplb.runtime import chunking
+from eplb.runtime.chunking import written_slots
 from eplb.runtime.model import EplbAwareModel, MoEModel, check_model, expert_bytes
+from eplb.runtime.transaction import Backup, Outcome, run_step, vote
 
 __all__ = [
     "DEFAULT_BACKUP_LAYERS",
@@ -170,6 +177,8 @@ class RearrangeReport:
     placement (mean / max rank load summed over layers, as vLLM logs it).
     ``chunks`` counts executor runs (the profile run makes two); ``chunk_layers`` holds each run's
     layers and ``backup_bytes`` the bytes this rank backed up for it (0 with rollback off).
+    ``statuses``: the status each layer this rearrangement settled ended in; ``layers_migrated``,
+    ``layers_rolled_back`` and ``layers_corrupt`` are read from it.
     ``backup_budget``: the bytes the chunks were cut to fit (None when ``layers_per_chunk``,
     incremental mode or ``rollback=False`` fixed them).
     """
@@ -177,9 +186,7 @@ class RearrangeReport:
     index: int
     profile: bool = False
     layers_planned: tuple[int, ...] = ()
-    layers_migrated: list[int] = attrs.field(factory=list)
-    layers_rolled_back: list[int] = attrs.field(factory=list)
-    layers_corrupt: list[int] = attrs.field(factory=list)
+    statuses: dict[int, LayerStatus] = attrs.field(factory=dict)
     timings: dict[str, float] = attrs.field(factory=dict)
     balancedness_before: float = float("nan")
     balancedness_after: float = float("nan")
@@ -191,6 +198,24 @@ class RearrangeReport:
     backup_budget: int | None = None
     error: str | None = None
     done: bool = False
+
+    def _layers(self, status: LayerStatus) -> list[int]:
+        return sorted(layer for layer, s in self.statuses.items() if s is status)
+
+    @property
+    def layers_migrated(self) -> list[int]:
+        """Layers this rearrangement moved (from ``statuses``)."""
+        return self._layers(LayerStatus.MIGRATED)
+
+    @property
+    def layers_rolled_back(self) -> list[int]:
+        """Layers a fault sent back to their old placement and weights."""
+        return self._layers(LayerStatus.ROLLED_BACK)
+
+    @property
+    def layers_corrupt(self) -> list[int]:
+        """Layers left partial by a fault with rollback off: reload their weights."""
+        return self._layers(LayerStatus.CORRUPT)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -379,20 +404,30 @@ class EplbState:
         """True between the steps of an incremental rearrangement."""
         return self._pending is not None
 
-    def set_group(self, group: Any) -> None:
-        """Use a new transfer group, after a fault left the old one unusable (`needs_new_group`)."""
+    def set_group(self, group: Any, *, control_group: Any = None) -> None:
+        """Use new groups after a fault left the old ones unusable (`needs_new_group`).
+
+        ``control_group`` None: a new gloo group over ``group``'s ranks is made here (a
+        collective: every rank calls this), since a vote that timed out may have left an
+        unmatched collective on the old one."""
         if dist.get_world_size(group) != self.num_ranks:
             raise InvalidValueError(
                 "group", f"has {dist.get_world_size(group)} ranks but the state spans {self.num_ranks}."
             )
+        if control_group is None:
+            control_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
         self.group = group
+        self.control_group = control_group
         self.needs_new_group = False
 
     # --- per pass ---------------------------------------------------------------------------------
     def step(
-        self, *, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
+        self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
     ) -> dict[str, float] | None:
         """End a forward pass: window its load, advance the interval, rearrange when due.
+
+        Takes vLLM 0.33's call as its model runner makes it, ``step(is_dummy, is_profile,
+        log_stats=...)``, as well as keywords.
 
         Returns the balancedness dict when ``log_stats`` (a collective: all ranks pass the same
         flag), else None. ``is_dummy``: the pass ran only to keep ranks in step; its load is
@@ -524,15 +559,15 @@ class EplbState:
         """The chunks ``changed`` moves in, and the backup budget they were cut to (or None).
 
         Derived from the agreed placements only, so every rank cuts the same chunks."""
-        size = self.config.layers_per_chunk
-        if size is None and self.config.incremental:
-            size = 1
-        if size is None and self.config.rollback:
-            budget = self.max_backup_bytes
-            return _budget_chunks(changed, current, target, self._slot_bytes, budget), budget
-        if size is None:
-            size = max(1, len(changed))
-        return [tuple(changed[i : i + size]) for i in range(0, len(changed), size)], None
+        return chunking.chunks(
+            changed,
+            current,
+            target,
+            size=chunking.chunk_size(self.config.layers_per_chunk, self.config.incremental),
+            rollback=self.config.rollback,
+            slot_bytes=self._slot_bytes,
+            budget=self.max_backup_bytes,
+        )
 
     def _plan_target(self, load: np.ndarray[Any, Any]) -> ModelPlacement:
         return rebalance(
@@ -569,12 +604,19 @@ class EplbState:
         chunk = pending.chunks.pop(0)
         try:
             self._move_chunk(chunk, pending.target, report)
-        except RearrangementError:
-            # The rest of the rearrangement is dropped: its layers keep their old placement.
-            for layer in (layer for c in pending.chunks for layer in c):
-                self._status[layer] = LayerStatus.STABLE
+        except BaseException as exc:
+            # The rest of the rearrangement is dropped: its layers keep their old placement
+            # (as does any layer of this chunk left PENDING by an error outside the transaction).
+            self._status = [LayerStatus.STABLE if s is LayerStatus.PENDING else s for s in self._status]
             self._end(report)
-            raise
+            if isinstance(exc, RearrangementError) or not isinstance(exc, Exception):
+                raise
+            report.error = f"{type(exc).__name__}: {exc}"
+            raise RearrangementError(
+                f"rank {self.rank}: rearrangement #{report.index} stopped at layers {list(chunk)} "
+                f"({report.error}); no layer of it is PENDING any more, every layer's maps match "
+                "its weights."
+            ) from exc
         if not pending.chunks:
             self._end(report)
 
@@ -585,103 +627,124 @@ class EplbState:
             logger.info("Rearranged experts: %s", report)
 
     def _move_chunk(self, chunk: tuple[int, ...], target: ModelPlacement, report: RearrangeReport) -> None:
-        """Compile, schedule, verify and run one chunk of layers; then vote, commit or restore."""
+        """One chunk as a transaction: prepare -> backup -> run -> vote -> commit or restore.
+
+        Whatever fails on this rank becomes a failed outcome that still goes to the vote, so no
+        rank leaves the others waiting; every path settles the chunk's statuses; a failure
+        anywhere raises `RearrangementError` here, on every rank that is alive."""
         report.chunks += 1
         report.chunk_layers.append(chunk)
         report.backup_bytes.append(0)
+        n = len(chunk)
+        weights = [list(self.model.expert_weights[i]) for i in chunk]
+        prepared: list[tuple[Schedule, Executor]] = []
+        backup: list[Backup] = []
+        t0 = time.monotonic()
+
+        def prepare() -> None:
+            prepared.append(self._prepare(chunk, target, report))
+
+        def take_backup() -> None:
+            if self.config.rollback:
+                with _phase(report, "backup"):
+                    slots = written_slots(prepared[0][0], self.rank)
+                    backup.extend(
+                        Backup.take(weights[i], s, self.config.backup_device) for i, s in enumerate(slots)
+                    )
+                    report.backup_bytes[-1] = sum(b.nbytes for b in backup)
+
+        def execute() -> None:
+            sched, executor = prepared[0]
+            rank = None if self.group is None else self.rank
+            with _phase(report, "execute"):
+                # verified=True: verify() ran in _prepare, and its time is its own phase.
+                executor.run(sched, weights, self.group, rank=rank, verified=True)
+
+        outcome = run_step(n, None, prepare, ran=False)
+        outcome = run_step(n, outcome, take_backup, ran=False)
+        outcome = run_step(n, outcome, execute, ran=True) or Outcome.ok(n)
+        with _phase(report, "vote"):
+            # Until twice the executor's timeout from the chunk's start: a rank that failed before
+            # its run waits here while its peers wait out the executor's timeout.
+            outcome = vote(outcome, self.control_group, t0 + 2 * self._timeout_s())
+        with _phase(report, "restore" if outcome.failed else "commit"):
+            self._settle(chunk, target, outcome, backup, weights, report)
+        if outcome.failed:
+            raise self._failure(chunk, outcome, report)
+
+    def _prepare(
+        self, chunk: tuple[int, ...], target: ModelPlacement, report: RearrangeReport
+    ) -> tuple[Schedule, Executor]:
+        """Compile, schedule and verify one chunk (the same on every rank)."""
         cur = ModelPlacement(layers=[self._placement.layers[i] for i in chunk])
         tgt = ModelPlacement(layers=[target.layers[i] for i in chunk])
-        weights = [list(self.model.expert_weights[i]) for i in chunk]
         with _phase(report, "compile"):
             plan = compile_plan(cur, tgt, self.topology, expert_bytes(self.model))
         with _phase(report, "select"):
             executor = self.executor()
+        tensors = len(self.model.expert_weights[chunk[0]])
         with _phase(report, "schedule"):
-            sched = schedule_plan(plan, self._limits(plan, executor, len(weights[0])))
+            sched = schedule_plan(plan, self._limits(plan, executor, tensors))
         with _phase(report, "verify"):
             verify(sched)
-        backup: list[_Backup] | None = None
-        if self.config.rollback:
-            with _phase(report, "backup"):
-                backup = [
-                    _Backup.take(weights[i], slots, self.config.backup_device)
-                    for i, slots in enumerate(_written_slots(sched, self.rank))
-                ]
-                report.backup_bytes[-1] = sum(b.nbytes for b in backup)
-        completed = [True] * len(chunk)
-        untouched = [True] * len(chunk)
-        error: BaseException | None = None
-        with _phase(report, "execute"):
-            try:
-                # verified=True: verify() ran above, and its time is its own phase.
-                executor.run(
-                    sched, weights, self.group, rank=None if self.group is None else self.rank, verified=True
-                )
-                untouched = [False] * len(chunk)
-            except ExecutionError as exc:
-                error = exc
-                completed = [i in set(exc.completed_layers) for i in range(len(chunk))]
-                untouched = [i in set(exc.untouched_layers) for i in range(len(chunk))]
-            except Exception as exc:  # a backend bug or a broken group: nothing is known
-                error = exc
-                completed = [False] * len(chunk)
-                untouched = [False] * len(chunk)
-        with _phase(report, "vote"):
-            # A failure every rank agreed on inside the executor (ExecutionError naming failed
-            # ranks) leaves the group usable; a timeout or transport error may not: gloo closes
-            # the pair on a timeout. All ranks learn both in one vote, so they stay in step.
-            clean = error is None or (isinstance(error, ExecutionError) and bool(error.failed_ranks))
-            completed, untouched, any_error, group_ok = self._vote(
-                completed, untouched, error is not None, clean
-            )
-        phase = "restore" if any_error else "commit"
-        with _phase(report, phase):
-            for i, layer in enumerate(chunk):
-                if completed[i]:
-                    self._commit_layer(layer, target.layers[layer])
-                    self._status[layer] = LayerStatus.MIGRATED
-                    report.layers_migrated.append(layer)
-                elif backup is not None:
-                    backup[i].restore(weights[i])
-                    self._status[layer] = LayerStatus.ROLLED_BACK
-                    report.layers_rolled_back.append(layer)
-                elif untouched[i]:
-                    self._status[layer] = LayerStatus.ROLLED_BACK
-                    report.layers_rolled_back.append(layer)
-                else:
-                    self._status[layer] = LayerStatus.CORRUPT
-                    report.layers_corrupt.append(layer)
-        if any_error:
-            if self.group is not None and not group_ok:
-                self.needs_new_group = True
-            what = f"{type(error).__name__}: {error}" if error is not None else "a fault on another rank"
-            report.error = what
-            corrupt = (
-                f"; layers {report.layers_corrupt} are CORRUPT: reload their weights"
-                if (report.layers_corrupt)
-                else ""
-            )
-            raise RearrangementError(
-                f"rank {self.rank}: rearrangement #{report.index} failed moving layers {list(chunk)} "
-                f"(the executor numbers them 0..{len(chunk) - 1}: {what}); layers moved: "
-                f"{report.layers_migrated}, rolled back to their old placement and weights: "
-                f"{report.layers_rolled_back}{corrupt}. Every layer's maps match its weights, so "
-                "serving goes on; the next rearrangement re-plans from here."
-            ) from error
+        return sched, executor
 
-    def _vote(
-        self, completed: list[bool], untouched: list[bool], failed: bool, group_ok: bool
-    ) -> tuple[list[bool], list[bool], bool, bool]:
-        """All ranks agree: a layer is complete (or untouched) only if it is on every rank; the
-        run failed if it failed anywhere; the transfer group is usable only if usable everywhere.
-        Returns (completed, untouched, failed, group_ok)."""
-        if self.control_group is None:
-            return completed, untouched, failed, group_ok
-        flags = torch.tensor([*completed, *untouched, not failed, group_ok], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.control_group)
-        n = len(completed)
-        out = [bool(x) for x in flags.tolist()]
-        return out[:n], out[n : 2 * n], not out[-2], out[-1]
+    def _timeout_s(self) -> float:
+        """The executor's ``Config.timeout_s`` (its default when it has none)."""
+        config = getattr(self._executor, "config", None)
+        return float(getattr(config, "timeout_s", Executor.Config().timeout_s))
+
+    def _settle(
+        self,
+        chunk: tuple[int, ...],
+        target: ModelPlacement,
+        outcome: Outcome,
+        backup: list[Backup],
+        weights: list[list[torch.Tensor]],
+        report: RearrangeReport,
+    ) -> None:
+        """Commit the layers complete on every rank; restore (or mark) the others."""
+        for i, layer in enumerate(chunk):
+            if outcome.completed[i]:
+                self._commit_layer(layer, target.layers[layer])
+                status = LayerStatus.MIGRATED
+            elif backup:
+                backup[i].restore(weights[i])
+                status = LayerStatus.ROLLED_BACK
+            elif outcome.untouched[i]:
+                status = LayerStatus.ROLLED_BACK
+            else:
+                status = LayerStatus.CORRUPT
+            self._status[layer] = status
+            report.statuses[layer] = status
+        if self.group is not None and not outcome.group_ok:
+            self.needs_new_group = True
+
+    def _failure(
+        self, chunk: tuple[int, ...], outcome: Outcome, report: RearrangeReport
+    ) -> RearrangementError:
+        """The error every surviving rank raises; its cause is this rank's own exception."""
+        error = outcome.error
+        what = f"{type(error).__name__}: {error}" if error is not None else "a fault on another rank"
+        if not outcome.vote_ok:
+            what += " (the vote on the control group failed too: a peer died or did not answer in time)"
+        report.error = what
+        bad = report.layers_corrupt
+        corrupt = f"; layers {bad} are CORRUPT: reload their weights" if bad else ""
+        group = (
+            "; the group is unusable: make a new one on every rank and pass it to set_group()"
+            if self.needs_new_group
+            else ""
+        )
+        exc = RearrangementError(
+            f"rank {self.rank}: rearrangement #{report.index} failed moving layers {list(chunk)} "
+            f"(the executor numbers them 0..{len(chunk) - 1}: {what}); layers moved: "
+            f"{report.layers_migrated}, rolled back to their old placement and weights: "
+            f"{report.layers_rolled_back}{corrupt}. Every layer's maps match its weights, so "
+            f"serving goes on; the next rearrangement re-plans from here{group}."
+        )
+        exc.__cause__ = error
+        return exc
 
     def _commit_layer(self, layer: int, placement: Placement) -> None:
         # copy_ into the existing rows: the tensors' storage (seen by CUDA graphs) never changes.
@@ -731,7 +794,7 @@ class EplbState:
         t0 = time.perf_counter()
         reserved = 0
         original = self._placement
-        shuffle = _all_peer_placement(original)
+        shuffle = chunking.all_peer_placement(original)
         # The first chunk a real rearrangement to the shuffle would move (the budget's cut).
         chunks, report.backup_budget = self._chunks(range(original.num_layers), original, shuffle)
         chunk = chunks[0]
@@ -739,7 +802,7 @@ class EplbState:
             with _phase(report, "backup"):
                 # The most any chunk can back up, held at once so the allocator reaches that peak.
                 held = [
-                    _Backup.take(list(self.model.expert_weights[i]), range(n), self.config.backup_device)
+                    Backup.take(list(self.model.expert_weights[i]), range(n), self.config.backup_device)
                     for i, n in enumerate(self._largest_backup())
                 ]
                 reserved = sum(b.nbytes for b in held)
@@ -766,7 +829,7 @@ class EplbState:
                     self._move_chunk(chunk, tgt, report)
             finally:
                 self._status = saved_status
-            report.layers_migrated.clear()
+            report.statuses.clear()
         report.done = True
         if self.rank == 0:
             logger.info(
@@ -778,115 +841,19 @@ class EplbState:
         return report
 
     def _largest_backup(self) -> list[int]:
-        """Slots per layer (from layer 0) whose backup is the most one chunk can take on a rank:
-        every slot of a fixed chunk's layers; under the budget, whole slots up to it, or every
-        slot of one layer when a single layer is larger than the budget (it moves alone)."""
-        num_l, num_s = self._placement.num_layers, self.topology.slots_per_rank
-        size = self.config.layers_per_chunk
-        if size is None and self.config.incremental:
-            size = 1
-        if size is None:
-            left, out = self.max_backup_bytes, []
-            for nbytes in self._slot_bytes:
-                n = min(num_s, left // nbytes) if nbytes else num_s
-                if n == 0:
-                    break
-                out.append(n)
-                left -= n * nbytes
-            return out if out and out[0] == num_s else [num_s]
-        return [num_s] * min(size, num_l)
+        """Slots per layer (from layer 0) of the largest backup one chunk can take on a rank."""
+        return chunking.largest_backup(
+            num_layers=self._placement.num_layers,
+            slots_per_rank=self.topology.slots_per_rank,
+            size=chunking.chunk_size(self.config.layers_per_chunk, self.config.incremental),
+            slot_bytes=self._slot_bytes,
+            budget=self.max_backup_bytes,
+        )
 
 
 def group_src(group: Any) -> int:
     """The global rank of ``group``'s rank 0 (broadcast takes global ranks)."""
     return int(dist.get_global_rank(group, 0))
-
-
-def _all_peer_placement(placement: ModelPlacement) -> ModelPlacement:
-    """Every layer's slots rotated so slot ``k`` of rank ``r`` moves to rank ``(r + 1 + k) % R``:
-    with ``S >= R - 1`` slots each rank sends to every peer; the multiset of experts is kept, so
-    the result is a valid placement."""
-    r, s = placement.num_ranks, placement.slots_per_rank
-    layers = []
-    for layer in placement.layers:
-        p2l = layer.physical_to_logical
-        # Slot k of every rank goes to a distinct rank, so each rank receives exactly s slots.
-        out = [-1] * len(p2l)
-        for p, e in enumerate(p2l):
-            src, k = divmod(p, s)
-            out[(src + 1 + k) % r * s + k] = e
-        layers.append(attrs.evolve(layer, physical_to_logical=out))
-    return ModelPlacement(layers=layers)
-
-
-def _budget_chunks(
-    changed: Sequence[int],
-    current: ModelPlacement,
-    target: ModelPlacement,
-    slot_bytes: Sequence[int],
-    budget: int,
-) -> list[tuple[int, ...]]:
-    """``changed`` cut into consecutive chunks whose backup fits ``budget`` on every rank.
-
-    A layer's backup on rank ``r`` is the slots of ``r`` whose expert changes (the compiler
-    writes exactly those; staging buffers are not backed up) times ``slot_bytes[layer]``. A chunk
-    grows while the busiest rank's sum fits; a layer larger than the budget alone is its own
-    chunk. Pure in the agreed placements, so every rank gets the same chunks."""
-    chunks: list[tuple[int, ...]] = []
-    layers: list[int] = []
-    held = np.zeros(current.num_ranks, dtype=np.int64)
-    for layer in changed:
-        cur = np.asarray(current.layers[layer].physical_to_logical)
-        tgt = np.asarray(target.layers[layer].physical_to_logical)
-        cost = (cur != tgt).reshape(current.num_ranks, -1).sum(axis=1) * slot_bytes[layer]
-        if layers and int((held + cost).max()) > budget:
-            chunks.append(tuple(layers))
-            layers, held = [], np.zeros_like(held)
-        layers.append(layer)
-        held += cost
-    if layers:
-        chunks.append(tuple(layers))
-    return chunks
-
-
-def _written_slots(sched: Schedule, rank: int) -> list[list[int]]:
-    """``[num_layers]``: the slots of ``rank`` that some op of the schedule overwrites."""
-    out: list[set[int]] = [set() for _ in range(sched.plan.num_layers)]
-    for op in sched.ops():
-        if op.rank != rank:
-            continue
-        dst = getattr(op, "dst", None)
-        if dst is not None and not dst.is_buffer:
-            out[op.layer].add(dst.index)
-    return [sorted(s) for s in out]
-
-
-@attrs.define
-class _Backup:
-    """Copies of some slots of one layer (all its tensors), to restore after a fault."""
-
-    slots: torch.Tensor
-    tensors: list[torch.Tensor]
-
-    @classmethod
-    def take(
-        cls, weights: Sequence[torch.Tensor], slots: Sequence[int] | range, device: str | None
-    ) -> _Backup:
-        idx = torch.tensor(list(slots), dtype=torch.long, device=weights[0].device)
-        return cls(
-            slots=idx,
-            tensors=[w.index_select(0, idx).to(device or w.device) for w in weights],
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-    def restore(self, weights: Sequence[torch.Tensor]) -> None:
-        if self.slots.numel() == 0:
-            return
-        for w, saved in zip(weights, self.tensors, strict=True):
-            w.index_copy_(0, self.slots, saved.to(w.device))
 
 
 @contextlib.contextmanager
