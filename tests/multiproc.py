@@ -138,3 +138,28 @@ def values_or_raise(results: list[RankResult]) -> list[Any]:
     if bad:
         raise AssertionError("\n".join(f"rank {r.rank}: {r.error}\n{r.trace}" for r in bad))
     return [r.value for r in results]
+
+
+def error_fields(exc: Any) -> dict[str, Any]:
+    """What a worker sends back of an `ExecutionError` (or any exception): type, message and the
+    attributes the executors set, None where missing."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        **{
+            k: getattr(exc, k, None)
+            for k in (
+                "rank",
+                "round",
+                "layer",
+                "op",
+                "failed_ranks",
+                "completed_layers",
+                "untouched_layers",
+                "partial_layers",
+                "peer",
+                "waited_seconds",
+                "group_usable",
+            )
+        },
+    }

@@ -17,25 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-from tests.multiproc import run_on_ranks, values_or_raise
+from tests.multiproc import error_fields, run_on_ranks, values_or_raise
 
 pytestmark = pytest.mark.multiprocess
 
 TIMEOUT_S = 1.5
 MARGIN_S = 8.0  # process teardown and gloo's own detection on 2 loaded cores
 BACKENDS = ("cpu_staged", "p2p", "alltoall")
-FIELDS = (
-    "rank",
-    "round",
-    "layer",
-    "failed_ranks",
-    "completed_layers",
-    "untouched_layers",
-    "partial_layers",
-    "peer",
-    "waited_seconds",
-    "group_usable",
-)
 
 
 def _case(world: int, *, num_layers: int = 4, offset: int = 0, expert_bytes: int = 24) -> tuple[Any, ...]:
@@ -84,8 +72,7 @@ def _outcome(run: Any, weights: Any, cur: Any, tgt: Any, rank: int) -> dict[str,
     try:
         run()
     except ExecutionError as exc:
-        out: dict[str, Any] = {"type": "ExecutionError", "message": str(exc)}
-        out.update({k: getattr(exc, k) for k in FIELDS})
+        out = error_fields(exc)
         out["seconds"] = time.monotonic() - t0
         states = (*exc.completed_layers, *exc.untouched_layers, *exc.partial_layers)
         out["states_cover"] = sorted(states) == list(range(len(weights)))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from eplb.executors.base import layer_last_rounds
-from tests.multiproc import run_on_ranks, values_or_raise
+from tests.multiproc import error_fields, run_on_ranks, values_or_raise
 
 pytestmark = pytest.mark.multiprocess
 
@@ -214,29 +214,6 @@ def _failure_case(world: int) -> tuple[Any, Any, Any, Any]:
     return sched, cur, tgt, layout
 
 
-def _error_fields(exc: Any) -> dict[str, Any]:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        **{
-            k: getattr(exc, k, None)
-            for k in (
-                "rank",
-                "round",
-                "layer",
-                "op",
-                "failed_ranks",
-                "completed_layers",
-                "untouched_layers",
-                "partial_layers",
-                "peer",
-                "waited_seconds",
-                "group_usable",
-            )
-        },
-    }
-
-
 def _raising_worker(rank: int, world: int, bad_rank: int, bad_round: int) -> dict[str, Any]:
     from eplb.executors import CpuStagedExecutor, ExecutionError
     from eplb.executors.synthetic import make_rank_weights, mismatches
@@ -253,7 +230,7 @@ def _raising_worker(rank: int, world: int, bad_rank: int, bad_round: int) -> dic
     try:
         Faulty(CpuStagedExecutor.Config(timeout_s=FAIL_TIMEOUT_S)).run(sched, weights)
     except ExecutionError as exc:
-        out = _error_fields(exc)
+        out = error_fields(exc)
         out["seconds"] = time.monotonic() - t0
         # What the error promises about each layer holds for this rank's weights.
         out["completed_ok"] = not mismatches(weights, tgt, rank, layers=exc.completed_layers)
@@ -299,7 +276,7 @@ def _bad_weights_worker(rank: int, world: int) -> dict[str, Any]:
     try:
         P2PExecutor(P2PExecutor.Config(timeout_s=FAIL_TIMEOUT_S)).run(sched, weights)
     except ExecutionError as exc:
-        out = _error_fields(exc)
+        out = error_fields(exc)
         out["untouched_ok"] = rank == 1 or not mismatches(weights, cur, rank)
         return out
     return {"type": None}
@@ -334,7 +311,7 @@ def _silent_peer_worker(rank: int, world: int) -> dict[str, Any]:
     try:
         Silent(AllToAllExecutor.Config(timeout_s=FAIL_TIMEOUT_S)).run(sched, weights)
     except ExecutionError as exc:
-        return {**_error_fields(exc), "seconds": time.monotonic() - t0}
+        return {**error_fields(exc), "seconds": time.monotonic() - t0}
     return {"type": None, "seconds": time.monotonic() - t0}
 
 

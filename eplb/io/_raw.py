@@ -33,15 +33,20 @@ def need_file(path: Path) -> None:
         raise InputError(f"cannot read {path}: no such file; check the path.")
 
 
+def _open_error(path: Path, exc: OSError) -> InputError:
+    """The `InputError` for a file that cannot be opened: missing, a folder, or unreadable."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"cannot read {path}: no such file; check the path.")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"cannot read {path}: it is a folder; name a file.")
+    return InputError(f"cannot read {path}: {exc.strerror}; check the path.")
+
+
 def read_text(path: Path, fix: str, what: str = "text") -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"cannot read {path}: no such file; check the path.") from None
-    except IsADirectoryError:
-        raise InputError(f"cannot read {path}: it is a folder; name a file.") from None
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+        raise _open_error(path, exc) from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not a {what} file ({exc}); {fix}.") from None
 
@@ -95,12 +100,8 @@ def np_load(path: Path) -> Any:
     try:
         with open(path, "rb") as fh:
             head = fh.read(6)
-    except FileNotFoundError:
-        raise InputError(f"cannot read {path}: no such file; check the path.") from None
-    except IsADirectoryError:
-        raise InputError(f"cannot read {path}: it is a folder; name a file.") from None
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}; check the path.") from None
+        raise _open_error(path, exc) from None
     if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
         what = "empty" if not head else "not a numpy file (no .npy or .npz header)"
         raise InputError(f"{path} is {what}; save it with numpy.save.")
