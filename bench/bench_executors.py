@@ -47,6 +47,7 @@ from eplb.executors import AllToAllExecutor, CpuStagedExecutor, Executor, P2PExe
 from eplb.executors.base import RunReport
 from eplb.ir import ModelPlacement, Round, Schedule, ScheduleLimits, Topology
 from eplb.ir.ops import Copy, Loc, Recv, Send
+from eplb.ir.plan import MigrationPlan
 
 NUM_EXPERTS, NUM_SLOTS = 256, 288
 EXPERT_SHAPES = (
@@ -135,7 +136,7 @@ def placements(num_layers: int, topo: Topology, seed: int) -> dict[str, Any]:
     drift = load * (1 + 0.05 * rng.standard_normal(load.shape))
     drift = np.clip(drift, 0, None)
     try:
-        from eplb.planner.rebalance import rebalance
+        from eplb.planner.entry import rebalance
 
         current = rebalance(load, topo)
         aware = rebalance(drift, topo, current=current)
@@ -167,17 +168,13 @@ def placements(num_layers: int, topo: Topology, seed: int) -> dict[str, Any]:
 def make_schedule(cur: ModelPlacement, tgt: ModelPlacement, topo: Topology, expert_bytes: int) -> Schedule:
     import attrs
 
-    from eplb.planner.compile import compile_plan
-    from eplb.planner.schedule import default_limits, schedule
-    from eplb.planner.verify import verify
+    from eplb.planner import plan_migration
+    from eplb.planner.schedule import default_limits
 
-    plan = compile_plan(cur, tgt, topo, expert_bytes=expert_bytes)
-    limits: ScheduleLimits = attrs.evolve(
-        default_limits(plan), max_ops_per_group=max(1, 256 // len(EXPERT_SHAPES))
-    )
-    sched = schedule(plan, limits)
-    verify(sched)
-    return sched
+    def limits(plan: MigrationPlan) -> ScheduleLimits:
+        return attrs.evolve(default_limits(plan), max_ops_per_group=max(1, 256 // len(EXPERT_SHAPES)))
+
+    return plan_migration(cur, tgt, topo, expert_bytes, limits)
 
 
 # --- 3. the vLLM-like baseline --------------------------------------------------------------------

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from eplb.ir import ModelPlacement  # noqa: E402
 from eplb.planner import metrics  # noqa: E402
+from eplb.planner.entry import make_topology  # noqa: E402
 from eplb.planner.policies.balanced import plan_balanced  # noqa: E402
 from eplb.planner.policies.deepseek import deepseek_array, to_model_placement  # noqa: E402
 from eplb.planner.policies.migration_aware import plan_migration_aware  # noqa: E402
-from eplb.planner.rebalance import make_topology  # noqa: E402
 
 # name: (layers, experts, groups, slots, ranks, nodes)
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {

@@ -30,7 +30,7 @@ from bench.bench_planner import machine
 from eplb.ir import ModelPlacement, Topology
 from eplb.planner import metrics
 from eplb.planner.compile import compile_plan
-from eplb.planner.rebalance import rebalance
+from eplb.planner.entry import rebalance
 from eplb.planner.schedule import schedule
 from eplb.planner.verify import verify
 

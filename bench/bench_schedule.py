@@ -3,7 +3,7 @@
 For every shape of the planner benchmark (``bench/bench_planner.py``: its shapes, synthetic load
 and drifts are imported, not copied) and every drift (lognormal noise of sigma 1%, 5%, 20%, and
 10% of experts trading popularity), the target placement comes from a real policy through
-`eplb.planner.rebalance.rebalance`: ``deepseek`` and ``balanced`` re-plan from scratch (current:
+`eplb.planner.rebalance`: ``deepseek`` and ``balanced`` re-plan from scratch (current:
 their own plan before the drift), ``migration_aware`` edits the ``balanced`` plan in force.
 DeepSeek-V3 also gets a random current and target (every slot changes: the worst case).
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_planner import DRIFTS, SHAPES, drift, machine, synthetic_load  # noqa: E402
 from eplb.ir import MigrationPlan, ModelPlacement, ScheduleLimits, Send  # noqa: E402
 from eplb.planner.compile import compile_plan  # noqa: E402
-from eplb.planner.rebalance import make_topology, rebalance  # noqa: E402
+from eplb.planner.entry import make_topology, rebalance  # noqa: E402
 from eplb.planner.schedule import layer_lower_bound, schedule  # noqa: E402
 from eplb.planner.verify import verify  # noqa: E402
 

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from eplb.examples_data import load_example
+from eplb.planner.entry import rebalance
 from eplb.planner.metrics import balancedness, rank_loads
-from eplb.planner.rebalance import rebalance
 
 
 def main() -> None:

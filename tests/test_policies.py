@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from eplb.ir import InvalidValueError, ModelPlacement, Topology
 from eplb.planner import metrics
+from eplb.planner.entry import make_topology, rebalance
 from eplb.planner.policies import available_policies, get_policy, register_policy
 from eplb.planner.policies._common import use_hierarchy
 from eplb.planner.policies.balanced import plan_balanced
 from eplb.planner.policies.deepseek import rebalance_experts
 from eplb.planner.policies.migration_aware import plan_migration_aware
-from eplb.planner.rebalance import make_topology, rebalance
 from tests.strategies import load_matrices
 
 README_LOAD = [

@@ -7,7 +7,6 @@ there."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.ir import InvalidValueError, ModelPlacement, Topology
+from eplb.planner.entry import make_topology, rebalance
 from eplb.planner.policies import balanced as balanced_mod
 from eplb.planner.policies._common import spread_breaks, unstack, use_hierarchy
 from eplb.planner.policies.balanced import plan_balanced, replica_counts
 from eplb.planner.policies.migration_aware import plan_migration_aware
-from eplb.planner.rebalance import make_topology, rebalance
 from tests.strategies import load_matrices
 from tests.test_policies import cases
 
@@ -174,7 +173,7 @@ def test_replica_counts_match_the_slot_by_slot_greedy(n: int, ranks: int, more: 
 
 def test_rebalance_refuses_a_size_that_cannot_fit_in_memory(monkeypatch: Any) -> None:
     """The error comes before any work: 800,000,000 slots would take minutes to even start."""
-    rb = importlib.import_module("eplb.planner.rebalance")  # the package's function shadows it
+    import eplb.planner.entry as rb
 
     monkeypatch.setattr(rb, "_physical_memory", lambda: 16 * 2**30)
     with pytest.raises(InvalidValueError, match=r"800000000 slots x 1 layers.*GiB.*use at most \d+ slots"):

@@ -322,6 +322,19 @@ def test_submodules_are_modules_and_functions_import_as_before() -> None:
         assert callable(getattr(module, name))
 
 
+def test_no_name_of_eplb_planner_shadows_a_submodule() -> None:
+    """``import eplb.planner.X as m`` binds the package's attribute X: for every submodule X it
+    must be the module itself (the function `rebalance` once shadowed its module)."""
+    import pkgutil
+    import types
+
+    import eplb.planner
+
+    for info in pkgutil.iter_modules(eplb.planner.__path__):
+        attr = getattr(eplb.planner, info.name, None)
+        assert attr is None or isinstance(attr, types.ModuleType), info.name
+
+
 @given(cases())
 def test_plan_migration_is_compile_schedule_verify(case: tuple[ModelPlacement, ModelPlacement, Topology]) -> None:
     from eplb.planner import plan_migration

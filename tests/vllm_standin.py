@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from eplb.planner.entry import make_topology
 from eplb.planner.policies.deepseek import deepseek_array
-from eplb.planner.rebalance import make_topology
 
 __all__ = ["VLLM_MODULES", "forget_vllm", "load_vllm_source", "standin_policy_module"]
 

@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from eplb.examples_data import load_example
     from eplb.io import layout_named, placement_bytes
     from eplb.ir.serde import dumps
+    from eplb.planner.entry import rebalance
     from eplb.planner.metrics import model_balancedness, summarize
     from eplb.planner.pipeline import plan_migration
-    from eplb.planner.rebalance import rebalance
 
     model = layout_named("deepseek-v3")  # the example's shape: 61 layers, MoE 3-60, 256 experts
 

@@ -28,6 +28,7 @@ from eplb.io._raw import read_json
 from eplb.io.layout import ModelLayout
 from eplb.ir.errors import EplbError, PlanError
 from eplb.ir.placement import ModelPlacement
+from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import ScheduleLimits
 from eplb.ir.serde import dumps
 from eplb.ir.topology import Topology
@@ -75,9 +76,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eplb.planner.compile import compile_plan
-    from eplb.planner.schedule import default_limits, schedule
-    from eplb.planner.verify import verify
+    from eplb.planner.pipeline import plan_migration
+    from eplb.planner.schedule import default_limits
 
     for option in ("expert_bytes", "ranks", "nodes", "max_peers", "max_ops", "staging_bytes"):
         require_positive("--" + option.replace("_", "-"), getattr(args, option))
@@ -120,9 +120,24 @@ def run(args: argparse.Namespace) -> int:
             num_physical_experts=target.num_physical_experts,
             num_ranks=target.num_ranks,
         )
+    def limits(plan: MigrationPlan) -> ScheduleLimits:
+        base = default_limits(plan)
+        return ScheduleLimits(
+            max_peers_per_round=args.max_peers if args.max_peers is not None else base.max_peers_per_round,
+            max_ops_per_group=args.max_ops,
+            staging_bytes_per_rank=args.staging_bytes
+            if args.staging_bytes is not None
+            else base.staging_bytes_per_rank,
+        )
+
     try:
-        plan = compile_plan(current, target, topology, args.expert_bytes)
-    except EplbError as exc:
+        sched = plan_migration(current, target, topology, args.expert_bytes, limits)
+    except PlanError as exc:  # scheduling or verification: never write a plan that does not verify
+        reason = first_problem(exc)
+        for name, option in _LIMIT_OPTIONS.items():
+            reason = reason.replace(name, option)
+        raise CliError(f"cannot schedule the migration under these limits: {reason}.") from None
+    except EplbError as exc:  # compiling: the placements do not fit one another or the cluster
         reason = str(exc).splitlines()[0].rstrip(".")
         if current.num_layers != target.num_layers:
             reason += " (an SGLang map has a row per model layer: pass --model or --moe-layers)"
@@ -130,22 +145,7 @@ def run(args: argparse.Namespace) -> int:
             f"cannot plan {args.current} -> {args.target or args.load}: {reason}; pass placements of one "
             "model for one cluster."
         ) from None
-    base = default_limits(plan)
-    limits = ScheduleLimits(
-        max_peers_per_round=args.max_peers if args.max_peers is not None else base.max_peers_per_round,
-        max_ops_per_group=args.max_ops,
-        staging_bytes_per_rank=args.staging_bytes
-        if args.staging_bytes is not None
-        else base.staging_bytes_per_rank,
-    )
-    try:
-        sched = schedule(plan, limits)
-        verify(sched)  # never write a plan that does not verify
-    except PlanError as exc:
-        reason = first_problem(exc)
-        for name, option in _LIMIT_OPTIONS.items():
-            reason = reason.replace(name, option)
-        raise CliError(f"cannot schedule the migration under these limits: {reason}.") from None
+    plan = sched.plan
     write_atomic(args.out, dumps(sched))
     if args.json:
         from eplb.planner.cost import predict_seconds
@@ -221,7 +221,7 @@ def _target_from_load(
     args: argparse.Namespace, topology: Topology, current: ModelPlacement | None
 ) -> ModelPlacement:
     from eplb.io import read_load
-    from eplb.planner.rebalance import rebalance
+    from eplb.planner.entry import rebalance
 
     load = read_load(args.load, layout=args.layout)
     target = rebalance(load, topology, current=current, policy=args.policy)

@@ -25,9 +25,9 @@ from eplb.cli._common import (
 from eplb.io import PLACEMENT_FORMATS, placement_bytes, read_any_placement, read_load_file
 from eplb.io.layout import ModelLayout
 from eplb.ir.placement import ModelPlacement
+from eplb.planner.entry import make_topology, rebalance
 from eplb.planner.metrics import summarize
 from eplb.planner.policies import available_policies
-from eplb.planner.rebalance import make_topology, rebalance
 
 __all__ = ["register", "run"]
 

@@ -89,8 +89,8 @@ def simulate(
 ) -> dict[str, Any]:
     """Replay ``trace: [windows, layers, experts]``; returns per-policy timelines (see module doc)."""
     from eplb.ir.placement import ModelPlacement
+    from eplb.planner.entry import rebalance
     from eplb.planner.metrics import model_balancedness, slots_moved
-    from eplb.planner.rebalance import rebalance
 
     trace = np.asarray(trace, dtype=np.float64)
     num_w, num_l, num_e = trace.shape
@@ -167,7 +167,7 @@ def _check_plot(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from eplb.io import read_trace_file
-    from eplb.planner.rebalance import make_topology
+    from eplb.planner.entry import make_topology
 
     for option in ("every", "window_steps", "ranks", "slots", "nodes", "groups", "expert_bytes"):
         require_positive("--" + option.replace("_", "-"), getattr(args, option))

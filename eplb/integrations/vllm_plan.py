@@ -29,7 +29,7 @@ import torch
 from eplb.ir.placement import ModelPlacement
 from eplb.ir.topology import Topology
 from eplb.planner import metrics
-from eplb.planner.rebalance import make_topology, rebalance
+from eplb.planner.entry import make_topology, rebalance
 
 __all__ = ["VllmPlan", "plan_for_vllm", "seed_from_old"]
 

@@ -11,9 +11,9 @@ Nothing here imports torch or mutates its inputs, so N ranks can be simulated in
 from eplb.planner import schedule, verify
 from eplb.planner.compile import compile_plan
 from eplb.planner.cost import predict_seconds
+from eplb.planner.entry import make_topology, rebalance
 from eplb.planner.pipeline import plan_migration
 from eplb.planner.policies import available_policies, get_policy, register_policy
-from eplb.planner.rebalance import make_topology, rebalance
 from eplb.planner.schedule import default_limits, rounds_lower_bound
 
 __all__ = [

@@ -60,11 +60,9 @@ from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Schedule, ScheduleLimits
 from eplb.ir.topology import Topology
 from eplb.planner import metrics
-from eplb.planner.compile import compile_plan
-from eplb.planner.rebalance import rebalance
+from eplb.planner.entry import rebalance
+from eplb.planner.pipeline import plan_migration
 from eplb.planner.schedule import default_limits
-from eplb.planner.schedule import schedule as schedule_plan
-from eplb.planner.verify import verify
 from eplb.runtime import chunking
 from eplb.runtime.chunking import written_slots
 from eplb.runtime.model import EplbAwareModel, MoEModel, check_model, expert_bytes
@@ -678,15 +676,17 @@ class EplbState:
         """Compile, schedule and verify one chunk (the same on every rank)."""
         cur = ModelPlacement(layers=[self._placement.layers[i] for i in chunk])
         tgt = ModelPlacement(layers=[target.layers[i] for i in chunk])
-        with _phase(report, "compile"):
-            plan = compile_plan(cur, tgt, self.topology, expert_bytes(self.model))
         with _phase(report, "select"):
             executor = self.executor()
         tensors = len(self.model.expert_weights[chunk[0]])
-        with _phase(report, "schedule"):
-            sched = schedule_plan(plan, self._limits(plan, executor, tensors))
-        with _phase(report, "verify"):
-            verify(sched)
+        sched = plan_migration(
+            cur,
+            tgt,
+            self.topology,
+            expert_bytes(self.model),
+            lambda plan: self._limits(plan, executor, tensors),
+            phase=lambda name: _phase(report, name),
+        )
         return sched, executor
 
     def _timeout_s(self) -> float:

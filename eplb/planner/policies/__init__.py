@@ -3,7 +3,9 @@
 A policy is a callable ``(load, topology, *, num_groups, current, **options) -> ModelPlacement``
 where ``load`` is a validated float64 array (see `eplb.planner.load.as_load_matrix`), ``num_groups``
 divides the expert count (1 when the model has no group-limited routing) and ``current`` is the
-placement in force or None. Policies are pure: same input, same output; inputs are never mutated.
+placement in force or None, of the same model and cluster (`eplb.planner.rebalance` validates
+the load and ``current`` once, so policies do not). Policies are pure: same input, same output;
+inputs are never mutated.
 
 Built in: ``deepseek`` (DeepSeek's published greedy), ``balanced`` (default without a current
 placement), ``migration_aware`` (default with one). Add your own with `register_policy`.

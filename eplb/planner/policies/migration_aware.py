@@ -44,7 +44,6 @@ from eplb.ir.topology import Topology
 from eplb.planner.metrics import slots_moved
 from eplb.planner.policies import register_policy
 from eplb.planner.policies._common import (
-    check_current,
     max_rank_load,
     spread_breaks,
     to_model_placement,
@@ -52,7 +51,7 @@ from eplb.planner.policies._common import (
 )
 from eplb.planner.policies.balanced import plan_balanced
 
-__all__ = ["align_to_current", "check_current", "migration_aware", "plan_migration_aware"]
+__all__ = ["align_to_current", "migration_aware", "plan_migration_aware"]
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -337,12 +336,12 @@ def plan_migration_aware(
     max_moves: int | None = None,
 ) -> tuple[I64, dict[str, int]]:
     """``physical_to_logical: [num_layers, num_physical_experts]`` and counts of how layers were
-    made (``kept``, ``searched``, ``hybrid``, ``fresh``)."""
+    made (``kept``, ``searched``, ``recounted``, ``hybrid``, ``fresh``). ``current`` must fit
+    ``load`` and ``topology``: `eplb.planner.rebalance` checks that once, at the public edge."""
     if not 0 <= tolerance < 1:
         raise InvalidValueError(
             "tolerance", f"must be in [0, 1) balancedness points (got {tolerance}); 0.005 is the default."
         )
-    check_current(current, load, topology)
     hier = use_hierarchy(topology, num_groups, hierarchical)
     num_r = topology.num_ranks
     fresh, _ = plan_balanced(load, topology, num_groups=num_groups, hierarchical=hier)

@@ -1,4 +1,5 @@
-"""``rebalance``: the planner's front door. Validates everything, then runs one policy.
+"""``eplb.planner.entry``: the planner's front door, `rebalance`. Validates everything once, then
+runs one policy. (The module is not named after the function, which `eplb.planner` exports.)
 
     load [num_layers, num_logical_experts] ─┐
     topology, num_groups, current ──────────┴─► policy ─► target ModelPlacement
