@@ -44,6 +44,7 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "v3-ep144": (58, 256, 8, 288, 144, 18),  # DeepSeek-V3 EP144: 8 groups do not split over 18 nodes
     "qwen3-30b": (48, 128, 1, 144, 8, 1),  # Qwen3-30B-A3B
     "kimi-k2": (60, 384, 1, 448, 64, 8),  # Kimi-K2 (n_group 1)
+    "v3-no-redundancy": (58, 256, 8, 256, 32, 4),  # DeepSeek-V3 EP32, one slot per expert
 }
 DRIFTS = ("sigma=0.01", "sigma=0.05", "sigma=0.20", "trade=10%")
 DEFAULT_TOLERANCE = 0.005  # migration_aware's default

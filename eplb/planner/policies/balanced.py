@@ -189,7 +189,8 @@ class _State:
 def _replicas_heaviest_first(w: F64, counts: I64) -> tuple[I64, F64]:
     """Per row, every replica's expert and load share (``w / counts``), heaviest first (stable)."""
     rows_n, n = w.shape
-    items = np.stack([np.repeat(np.arange(n), counts[b]) for b in range(rows_n)])
+    # Every row has the same number of replicas, so one flat repeat splits into rows.
+    items = np.repeat(np.tile(np.arange(n), rows_n), counts.reshape(-1)).reshape(rows_n, -1)
     item_w = np.take_along_axis(w / counts, items, axis=1)
     order = np.argsort(-item_w, axis=1, kind="stable")
     return np.take_along_axis(items, order, axis=1), np.take_along_axis(item_w, order, axis=1)
