@@ -66,3 +66,29 @@ def test_doc_links_resolve() -> None:
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def _heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` ... for repeats."""
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in page.read_text().splitlines():
+        m = re.match(r"^#{1,6} (.+)$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_doc_anchors_resolve() -> None:
+    """Every ``page.md#anchor`` link (and ``#anchor`` within a page) names a heading there."""
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            linked = page.parent / target if target else page
+            assert anchor in _heading_anchors(linked), f"{page.name} links to {target}#{anchor}: no such heading"

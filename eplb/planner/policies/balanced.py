@@ -15,10 +15,11 @@ Per layer (or per (layer, node) in hierarchical mode), vectorised over layers:
 4. **Local search**: swap a slot of the busiest rank with a lighter slot elsewhere while that
    lowers the busiest rank, keeping the spread rule of step 3. In the same round the next few
    busiest ranks each swap with a distinct light rank (rounds, not swaps, cost the time).
-5. **Floor**: with ``deepseek_floor`` (default), DeepSeek's layer, with any copies it stacks
-   against the spread rule swapped apart, replaces a layer it beats. So balancedness is never
-   below ``deepseek``'s on a layer where DeepSeek keeps the spread rule, and no layer stacks
-   copies the rule forbids (where stacking is what made DeepSeek lighter, ``balanced`` is below it).
+5. **Floor**: with ``deepseek_floor`` (default), a layer DeepSeek's plan beats as planned is
+   replaced by it, with any copies it stacks against the spread rule swapped apart, if it still
+   beats the layer then. So balancedness is never below ``deepseek``'s on a layer where
+   DeepSeek keeps the spread rule, and no layer stacks copies the rule forbids (where stacking
+   is what made DeepSeek lighter, ``balanced`` is below it).
 
 Hierarchical mode (replicas stay on their group's node, as DeepSeek's) is on when ``num_groups %
 num_nodes == 0``; ``hierarchical=False`` plans globally, which balances better but lets a token's
