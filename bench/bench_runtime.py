@@ -15,10 +15,12 @@ builds an `EplbState` over synthetic expert weights and runs real rearrangements
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_planner import machine
 from eplb.ir import ModelPlacement, Topology
 from eplb.planner import metrics
-from eplb.planner.compile import compile_plan
 from eplb.planner.entry import rebalance
-from eplb.planner.schedule import schedule
-from eplb.planner.verify import verify
+from eplb.planner.pipeline import plan_migration
 
 
 def skewed_load(num_layers: int, num_experts: int, seed: int) -> np.ndarray[Any, Any]:
@@ -69,17 +69,19 @@ def plan_flow(
         target, row["policy_s"] = timed(lambda: rebalance(load, topo, policy="deepseek"))
         groups = [[i] for i in range(current.num_layers) if current.layers[i] != target.layers[i]]
     row.update(compile_s=0.0, schedule_s=0.0, verify_s=0.0, rounds=0, transfers=0)
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:  # sums each step's wall time into the row
+        t0 = time.perf_counter()
+        yield
+        row[f"{name}_s"] += time.perf_counter() - t0
+
     for layers in groups:
         cur = ModelPlacement(layers=[current.layers[i] for i in layers])
         tgt = ModelPlacement(layers=[target.layers[i] for i in layers])
-        plan, t = timed(lambda: compile_plan(cur, tgt, topo, expert_bytes))  # noqa: B023
-        row["compile_s"] += t
-        sched, t = timed(lambda: schedule(plan))  # noqa: B023
-        row["schedule_s"] += t
-        _, t = timed(lambda: verify(sched))  # noqa: B023
-        row["verify_s"] += t
+        sched = plan_migration(cur, tgt, topo, expert_bytes, phase=phase)
         row["rounds"] += sched.num_rounds
-        row["transfers"] += plan.transfers
+        row["transfers"] += sched.plan.transfers
     row["plan_s"] = row["policy_s"] + row["compile_s"] + row["schedule_s"] + row["verify_s"]
     row["bytes_moved"] = row["transfers"] * expert_bytes
     row["balancedness"] = metrics.model_balancedness(load, target)

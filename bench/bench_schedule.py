@@ -17,8 +17,7 @@ Reported per case:
 - staging buffers per rank against a one-layer buffer (``slots_per_rank`` experts, what vLLM and
   SGLang allocate);
 - CPU seconds to compile + schedule + verify the whole model (best of ``--repeat``; wall time
-  too, in the JSON). The three steps are called one by one, not through
-  `eplb.planner.plan_migration`, to time each.
+  too, in the JSON), each step timed through `eplb.planner.plan_migration`'s ``phase`` hook.
 
     python bench/bench_schedule.py            # all shapes, a few minutes on 2 cores
     python bench/bench_schedule.py --quick    # DeepSeek-V3 only, 5% drift and random
@@ -27,11 +26,12 @@ Reported per case:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_planner import DRIFTS, SHAPES, drift, machine, synthetic_load  # noqa: E402
 from eplb.ir import MigrationPlan, ModelPlacement, ScheduleLimits, Send  # noqa: E402
-from eplb.planner.compile import compile_plan  # noqa: E402
+from eplb.planner import plan_migration  # noqa: E402
 from eplb.planner.entry import make_topology, rebalance  # noqa: E402
 from eplb.planner.schedule import layer_lower_bound, schedule  # noqa: E402
-from eplb.planner.verify import verify  # noqa: E402
 
 EXPERT_BYTES = {"v3": 44_100_000, "v3-ep144": 44_100_000, "qwen3-30b": 9_400_000, "kimi-k2": 44_100_000}
 
@@ -109,16 +108,16 @@ def measure(
     eb = EXPERT_BYTES[shape]
     phases: dict[str, float] = {}
 
-    def pipeline() -> Any:
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
         # CPU time of this process: the machine is shared, wall time is kept as well.
         t0 = time.process_time()
-        plan = compile_plan(cur, tgt, topo, eb)
-        t1 = time.process_time()
-        s = schedule(plan)
-        t2 = time.process_time()
-        verify(s)
-        t3 = time.process_time()
-        phases.update(compile=t1 - t0, schedule=t2 - t1, verify=t3 - t2, total=t3 - t0)
+        yield
+        phases[name] = time.process_time() - t0
+
+    def pipeline() -> Any:
+        s = plan_migration(cur, tgt, topo, eb, phase=phase)
+        phases["total"] = phases["compile"] + phases["schedule"] + phases["verify"]
         return s
 
     best_phases: dict[str, float] = {}
