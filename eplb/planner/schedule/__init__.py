@@ -32,10 +32,12 @@ what the staging budget allows (`_bounds.staging_bound`, docs/scheduler.md).
 from __future__ import annotations
 
 from eplb.ir.errors import PlanError, Violation
+from eplb.ir.ops import Copy
 from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Round, Schedule, ScheduleLimits
 from eplb.planner.schedule._bounds import staging_bound
 from eplb.planner.schedule._parse import _Layer, _Load, _parse, _Unit
+from eplb.planner.schedule._pipelined import _pipelined_rounds
 from eplb.planner.schedule._staging import _Built
 from eplb.planner.schedule._windows import SPREAD_STAGING, _build_window, _copy_homes, _split, _windows
 
@@ -86,6 +88,22 @@ def _bound(plan: MigrationPlan, layers: list[_Layer], limits: ScheduleLimits) ->
     return max(load, depth, staging_bound(layers, limits, plan.expert_bytes))
 
 
+def _pipelined(
+    plan: MigrationPlan,
+    layers: list[_Layer],
+    units: list[_Unit],
+    homes: dict[tuple[int, int], list[tuple[int, Copy]]],
+    limits: ScheduleLimits,
+    budget: int,
+) -> _Built | None:
+    """The whole plan as one window with `_pipelined_rounds`' rounds; None when those stall or
+    the pool it builds exceeds ``budget``."""
+    if _pipelined_rounds(layers, limits, budget) is None:
+        return None
+    built = _build_window(plan, layers, units, homes, True, limits, preset=True)
+    return built if built.staging <= budget else None
+
+
 def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
     """Rounds for ``plan`` under ``limits`` (None: `default_limits` for the plan's topology).
 
@@ -125,6 +143,13 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
             for sub in ([w] if need <= budget else _split(w, layers, limits, budget, need, last_try))
         ]
     parts = [build(w, i == 0) for i, w in enumerate(windows)]
+    bound = _bound(plan, layers, limits)
+    if budget is not None and sum(len(p.transfers) for p in parts) > bound + 1:
+        # Windows ran layers apart; all layers' transfers in shared rounds, filled staging-aware
+        # (`_pipelined_rounds`), are kept when they fit the budget in fewer rounds.
+        piped = _pipelined(plan, layers, units, homes, limits, budget)
+        if piped is not None and len(piped.transfers) < sum(len(p.transfers) for p in parts):
+            parts = [piped]
     pool = max(part.staging for part in parts)
     before = [rnd for part in parts for rnd in part.before]
     transfers = [rnd for part in parts for rnd in part.transfers]
@@ -148,7 +173,7 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
         plan=plan,
         limits=limits,
         rounds=out_rounds,
-        rounds_lower_bound=_bound(plan, layers, limits),
+        rounds_lower_bound=bound,
         staging_buffers_per_rank=pool,
     )
 

@@ -95,15 +95,23 @@ def _build_window(
     homes: dict[_Home, list[tuple[int, Copy]]],
     first: bool,
     limits: ScheduleLimits,
+    *,
+    preset: bool = False,
 ) -> _Built:
     """One window's rounds, its copies placed, its staging buffers pooled. The ``first`` window
-    also runs the layers of copies only, before its first group.
+    also runs the layers of copies only, before its first group. ``preset``: the pairs' rounds
+    are given (`_pipelined_rounds`), in order, instead of coloured here.
     """
     pairs = [p for u in window for p in u.pairs]
-    bound = _Load.union([u.load for u in window]).bound(limits)
-    assignment = _colour(pairs, limits, plan.topology.num_ranks, bound)
-    n = max(assignment, default=-1) + 1
-    order = _round_order(pairs, assignment, n)
+    if preset:
+        assignment = [p.round for p in pairs]
+        n = max(assignment, default=-1) + 1
+        order = list(range(n))
+    else:
+        bound = _Load.union([u.load for u in window]).bound(limits)
+        assignment = _colour(pairs, limits, plan.topology.num_ranks, bound)
+        n = max(assignment, default=-1) + 1
+        order = _round_order(pairs, assignment, n)
     rounds: list[list[_Pair]] = [[] for _ in range(n)]
     for p, k in zip(pairs, assignment, strict=True):
         p.round = order[k]
@@ -122,12 +130,16 @@ def _build_window(
         lay = layers[u.layer]
         replace, early = _direct_landing(lay, recv_of) if len(lay.units) == 1 else ({}, {})
         last: dict[tuple[int, int], int] = {}
+        opens: dict[int, int] = {}  # rank -> its first round of the unit (preset rounds only)
         for un in lay.units:
             if id(un) in here:
                 for p in un.pairs:
                     for r in (p.send.src_rank, p.recv.dst_rank):
                         if last.get((un.level, r), -1) < p.round:
                             last[(un.level, r)] = p.round
+                        if preset and opens.get(r, p.round + 1) > p.round:
+                            opens[r] = p.round
+        start = min(opens.values(), default=0)
         for level, c in homes.get((u.layer, u.level), ()):
             new = replace.get(id(c), c)
             if new is None:
@@ -138,7 +150,9 @@ def _build_window(
             if at is not None:
                 after[at].append(new)
             else:
-                before[0].append(new)
+                # Before the rank's first transfer of the layer (a copy only touches its rank):
+                # with the whole plan in one window, round 0 would hold its buffer for long.
+                before[opens.get(c.rank, start)].append(new)
 
     # --- transfers in a fixed order; both sides of a pair list them alike ----------------------
     transfers: list[list[Transfer]] = []
