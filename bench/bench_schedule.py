@@ -46,7 +46,13 @@ from eplb.planner import plan_migration  # noqa: E402
 from eplb.planner.entry import make_topology, rebalance  # noqa: E402
 from eplb.planner.schedule import layer_lower_bound, schedule  # noqa: E402
 
-EXPERT_BYTES = {"v3": 44_100_000, "v3-ep144": 44_100_000, "qwen3-30b": 9_400_000, "kimi-k2": 44_100_000}
+EXPERT_BYTES = {
+    "v3": 44_100_000,
+    "v3-ep144": 44_100_000,
+    "qwen3-30b": 9_400_000,
+    "kimi-k2": 44_100_000,
+    "v3-no-redundancy": 44_100_000,
+}
 
 
 def vllm_first_fit_rounds(plan: MigrationPlan) -> tuple[int, int]:

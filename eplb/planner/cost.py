@@ -9,20 +9,28 @@ the round waits for the largest. Rounds run one after another. Local copies are 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import attrs
 
-from eplb.ir.ops import Copy, Send
+from eplb.ir.ops import Copy, Send, Transfer
 from eplb.ir.schedule import Round, Schedule
 from eplb.ir.topology import Topology
 
-__all__ = ["LayerCost", "layer_costs", "predict_seconds", "round_seconds"]
+__all__ = ["LayerCost", "layer_costs", "predict_seconds", "round_seconds", "transfer_seconds"]
 
 
 def round_seconds(rnd: Round, topology: Topology, expert_bytes: int, layer: int | None = None) -> float:
     """Transfer time of one round (without its latency); only ``layer``'s transfers if given."""
+    return transfer_seconds(rnd.transfers, topology, expert_bytes, layer)
+
+
+def transfer_seconds(
+    transfers: Iterable[Transfer], topology: Topology, expert_bytes: int, layer: int | None = None
+) -> float:
+    """Time of one group of ``transfers`` (a round's, before it is a `Round`)."""
     load: dict[tuple[int, str, bool], int] = defaultdict(int)  # (rank, link, sending) -> bytes
-    for op in rnd.transfers:
+    for op in transfers:
         if not isinstance(op, Send) or (layer is not None and op.layer != layer):
             continue
         link = topology.link(op.src_rank, op.dst_rank)

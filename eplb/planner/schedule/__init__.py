@@ -23,6 +23,11 @@
 6. Staging check. A window whose pool exceeds the budget is cut in proportion to the excess and
    rebuilt; if still over, into windows bounded by the buffers each layer's plan names (which
    fit whenever every layer fits alone). Windows are built independently, each at most once.
+7. Pipelining. Under a staging budget, all layers' transfers are also filled into shared
+   rounds by a staging-aware list scheduler (`_pipelined.py`: transfers needing no buffer
+   first, staged ones while their rank has a buffer free, earlier layers first) and built as
+   one window; of that and the windows, the one `eplb.planner.cost` predicts faster wins
+   (fewer rounds on a tie).
 
 The lower bound (`rounds_lower_bound`) is, over all ranks, the most of ceil(distinct peers / k)
 and ceil(transfer ops / max_ops_per_group), at least the deepest layer's level count, and at least
@@ -35,6 +40,7 @@ from eplb.ir.errors import PlanError, Violation
 from eplb.ir.ops import Copy
 from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Round, Schedule, ScheduleLimits
+from eplb.planner.cost import transfer_seconds
 from eplb.planner.schedule._bounds import staging_bound
 from eplb.planner.schedule._parse import _Layer, _Load, _parse, _Unit
 from eplb.planner.schedule._pipelined import _pipelined_rounds
@@ -104,25 +110,22 @@ def _pipelined(
     return built if built.staging <= budget else None
 
 
-def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
-    """Rounds for ``plan`` under ``limits`` (None: `default_limits` for the plan's topology).
+def _windowed(
+    plan: MigrationPlan,
+    layers: list[_Layer],
+    units: list[_Unit],
+    homes: dict[tuple[int, int], list[tuple[int, Copy]]],
+    limits: ScheduleLimits,
+    budget: int | None,
+) -> list[_Built]:
+    """The plan in windows, each built once.
 
-    Raises `PlanError` when the plan is not a valid sequential program of matched transfers, or
-    when one layer alone needs more staging than ``limits.staging_bytes_per_rank``.
+    Windows by the round bound and an estimate of their staging; what they really hold (after
+    direct landing and early unstaging) is known only once rounds exist. A window over the
+    budget is cut into parts in proportion to its excess; if one is still over, it is replaced
+    by windows that bound the staging each layer's plan names, which always fit when every
+    layer fits alone.
     """
-    limits = limits or default_limits(plan)
-    layers = [_parse(plan, i) for i in range(plan.num_layers)]
-    budget = None
-    if limits.staging_bytes_per_rank is not None:
-        budget = limits.staging_bytes_per_rank // plan.expert_bytes
-    units = [u for lay in layers for u in lay.units]
-
-    # Windows by the round bound and an estimate of their staging; what they really hold (after
-    # direct landing and early unstaging) is known only once rounds exist. A window over the
-    # budget is cut into parts in proportion to its excess; if one is still over, it is replaced
-    # by windows that bound the staging each layer's plan names, which always fit when every
-    # layer fits alone. Windows are built independently, each once.
-    homes = _copy_homes(layers)
     cache: dict[tuple[tuple[int, int], ...], _Built] = {}
 
     def build(window: list[_Unit], first: bool) -> _Built:
@@ -142,13 +145,39 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
             for w, need in zip(windows, needs, strict=True)
             for sub in ([w] if need <= budget else _split(w, layers, limits, budget, need, last_try))
         ]
-    parts = [build(w, i == 0) for i, w in enumerate(windows)]
+    return [build(w, i == 0) for i, w in enumerate(windows)]
+
+
+def _seconds(plan: MigrationPlan, parts: list[_Built]) -> float:
+    """`eplb.planner.cost.predict_seconds` of built rounds."""
+    latency = plan.topology.round_latency_us * 1e-6
+    rounds = [rnd for part in parts for rnd in part.transfers]
+    return sum(latency + transfer_seconds(rnd, plan.topology, plan.expert_bytes) for rnd in rounds)
+
+
+def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Schedule:
+    """Rounds for ``plan`` under ``limits`` (None: `default_limits` for the plan's topology).
+
+    Raises `PlanError` when the plan is not a valid sequential program of matched transfers, or
+    when one layer alone needs more staging than ``limits.staging_bytes_per_rank``.
+    """
+    limits = limits or default_limits(plan)
+    layers = [_parse(plan, i) for i in range(plan.num_layers)]
+    budget = None
+    if limits.staging_bytes_per_rank is not None:
+        budget = limits.staging_bytes_per_rank // plan.expert_bytes
+    units = [u for lay in layers for u in lay.units]
+    homes = _copy_homes(layers)
     bound = _bound(plan, layers, limits)
-    if budget is not None and sum(len(p.transfers) for p in parts) > bound + 1:
-        # Windows ran layers apart; all layers' transfers in shared rounds, filled staging-aware
-        # (`_pipelined_rounds`), are kept when they fit the budget in fewer rounds.
+    parts = _windowed(plan, layers, units, homes, limits, budget)
+    if budget is not None:
+        # All layers' transfers in shared, staging-aware rounds: kept when the cost model
+        # predicts them faster (fewer rounds can be slower, when they are unevener).
         piped = _pipelined(plan, layers, units, homes, limits, budget)
-        if piped is not None and len(piped.transfers) < sum(len(p.transfers) for p in parts):
+        if piped is not None and (_seconds(plan, [piped]), len(piped.transfers)) < (
+            _seconds(plan, parts),
+            sum(len(p.transfers) for p in parts),
+        ):
             parts = [piped]
     pool = max(part.staging for part in parts)
     before = [rnd for part in parts for rnd in part.before]
