@@ -23,11 +23,11 @@
 6. Staging check. A window whose pool exceeds the budget is cut in proportion to the excess and
    rebuilt; if still over, into windows bounded by the buffers each layer's plan names (which
    fit whenever every layer fits alone). Windows are built independently, each at most once.
-7. Pipelining. Under a staging budget, all layers' transfers are also filled into shared
-   rounds by a staging-aware list scheduler (`_pipelined.py`: transfers needing no buffer
-   first, staged ones while their rank has a buffer free, earlier layers first) and built as
-   one window; of that and the windows, the one `eplb.planner.cost` predicts faster wins
-   (fewer rounds on a tie).
+7. Pipelining. Under a staging budget, when the windows took more than the bound + 1 rounds,
+   all layers' transfers are also filled into shared rounds by a staging-aware list scheduler
+   (`_pipelined.py`: transfers needing no buffer first, staged ones while their rank has a
+   buffer free, earlier layers first) and built as one window; of that and the windows, the
+   one `eplb.planner.cost` predicts faster wins (fewer rounds on a tie).
 
 The lower bound (`rounds_lower_bound`) is, over all ranks, the most of ceil(distinct peers / k)
 and ceil(transfer ops / max_ops_per_group), at least the deepest layer's level count, and at least
@@ -170,9 +170,9 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
     homes = _copy_homes(layers)
     bound = _bound(plan, layers, limits)
     parts = _windowed(plan, layers, units, homes, limits, budget)
-    if budget is not None:
-        # All layers' transfers in shared, staging-aware rounds: kept when the cost model
-        # predicts them faster (fewer rounds can be slower, when they are unevener).
+    if budget is not None and sum(len(p.transfers) for p in parts) > bound + 1:
+        # Windows ran layers apart. All layers' transfers in shared, staging-aware rounds: kept
+        # when the cost model predicts them faster (fewer rounds can be slower: unevener).
         piped = _pipelined(plan, layers, units, homes, limits, budget)
         if piped is not None and (_seconds(plan, [piped]), len(piped.transfers)) < (
             _seconds(plan, parts),

@@ -52,6 +52,7 @@ class _Item:
     staged: bool  # its Recv lands in a buffer in the plan
     index: int  # position in plan order
     round: int = -1
+    frees: list[_Hold] = attrs.field(factory=list)  # holds waiting for this item
 
 
 def _pipelined_rounds(
@@ -101,10 +102,10 @@ class _State:
             (self.staged_at[it.pair.recv.dst_rank] if it.staged else self.free).append(it)
         self.pending = {s: len(v) for s, v in self.readers.items()}  # Sends still to read a slot
         self.last_read: dict[_Slot, int] = {}
-        self.holds_on: dict[int, list[_Hold]] = defaultdict(list)  # id(item) -> holds it frees
         self.in_use: dict[int, int] = defaultdict(int)
         self.held: list[_Hold] = []
         self.freed_next: list[_Item] = []  # items that land directly from the next round
+        self.touched: set[int] = set()  # receiving ranks whose staged list lost an item this round
         self.unplaced = len(items)
 
     def lands(self, it: _Item, k: int) -> bool:
@@ -155,6 +156,8 @@ class _State:
 
     def place(self, it: _Item, k: int, staged: bool) -> None:
         it.round = k
+        if it.staged:
+            self.touched.add(it.pair.recv.dst_rank)
         self.unplaced -= 1
         if staged:
             waits = _blockers(it, self.readers, self.by_layer_rank)
@@ -162,7 +165,7 @@ class _State:
             for o in waits:
                 if o.round < 0:
                     hold.waits += 1
-                    self.holds_on[id(o)].append(hold)
+                    o.frees.append(hold)
                 else:
                     hold.until = max(hold.until, o.round)
             self.held.append(hold)
@@ -174,17 +177,20 @@ class _State:
                 rest = [o for o in self.by_layer_rank[key] if o.round < 0]
                 hold = _Hold(rank=r, waits=len(rest), until=k, size=n)
                 for o in rest:
-                    self.holds_on[id(o)].append(hold)
+                    o.frees.append(hold)
                 self.held.append(hold)
                 self.in_use[r] += n
-        for hold in self.holds_on.pop(id(it), ()):
+        for hold in it.frees:
             hold.waits -= 1
             hold.until = max(hold.until, k)
         if it.read is not None:
             self.pending[it.read] -= 1
             self.last_read[it.read] = k
             if self.pending[it.read] == 0:
-                self.freed_next.extend(o for o in self.wanted_by.get(it.read, ()) if o.round < 0)
+                for o in self.wanted_by.get(it.read, ()):
+                    if o.round < 0:
+                        self.freed_next.append(o)
+                        self.touched.add(o.pair.recv.dst_rank)
 
     def close(self, k: int) -> None:
         """After round ``k``: buffers unstaged by then are free, items that now land directly
@@ -199,8 +205,9 @@ class _State:
             key=lambda it: it.index,
         )
         self.freed_next = []
-        for b, its in self.staged_at.items():
-            self.staged_at[b] = [it for it in its if it.round < 0 and id(it) not in moved]
+        for b in self.touched:  # receiving ranks that placed or freed a staged item
+            self.staged_at[b] = [it for it in self.staged_at[b] if it.round < 0 and id(it) not in moved]
+        self.touched = set()
 
 
 def _items(layers: list[_Layer]) -> list[_Item]:
