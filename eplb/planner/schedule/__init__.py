@@ -37,7 +37,7 @@ what the staging budget allows (`_bounds.staging_bound`, docs/scheduler.md).
 from __future__ import annotations
 
 from eplb.ir.errors import PlanError, Violation
-from eplb.ir.ops import Copy
+from eplb.ir.ops import Copy, Transfer
 from eplb.ir.plan import MigrationPlan
 from eplb.ir.schedule import Round, Schedule, ScheduleLimits
 from eplb.planner.cost import transfer_seconds
@@ -101,10 +101,19 @@ def _pipelined(
     homes: dict[tuple[int, int], list[tuple[int, Copy]]],
     limits: ScheduleLimits,
     budget: int,
+    beat: tuple[float, int],
 ) -> _Built | None:
-    """The whole plan as one window with `_pipelined_rounds`' rounds; None when those stall or
-    the pool it builds exceeds ``budget``."""
-    if _pipelined_rounds(layers, limits, budget) is None:
+    """The whole plan as one window with `_pipelined_rounds`' rounds, if it is predicted faster
+    than ``beat`` (seconds, rounds; fewer rounds on a tie); None when those rounds stall, are
+    not faster, or the pool built exceeds ``budget``. Building is the costly part, so the
+    rounds are rated first: a round's Sends, all the cost model counts, are known before."""
+    pairs = _pipelined_rounds(layers, limits, budget)
+    if pairs is None:
+        return None
+    sends: list[list[Transfer]] = [[] for _ in range(max((p.round for p in pairs), default=-1) + 1)]
+    for p in pairs:
+        sends[p.round].append(p.send)
+    if (_seconds(plan, sends), len(sends)) >= beat:
         return None
     built = _build_window(plan, layers, units, homes, True, limits, preset=True)
     return built if built.staging <= budget else None
@@ -148,10 +157,9 @@ def _windowed(
     return [build(w, i == 0) for i, w in enumerate(windows)]
 
 
-def _seconds(plan: MigrationPlan, parts: list[_Built]) -> float:
-    """`eplb.planner.cost.predict_seconds` of built rounds."""
+def _seconds(plan: MigrationPlan, rounds: list[list[Transfer]]) -> float:
+    """`eplb.planner.cost.predict_seconds` of rounds' transfers."""
     latency = plan.topology.round_latency_us * 1e-6
-    rounds = [rnd for part in parts for rnd in part.transfers]
     return sum(latency + transfer_seconds(rnd, plan.topology, plan.expert_bytes) for rnd in rounds)
 
 
@@ -173,11 +181,10 @@ def schedule(plan: MigrationPlan, limits: ScheduleLimits | None = None) -> Sched
     if budget is not None and sum(len(p.transfers) for p in parts) > bound + 1:
         # Windows ran layers apart. All layers' transfers in shared, staging-aware rounds: kept
         # when the cost model predicts them faster (fewer rounds can be slower: unevener).
-        piped = _pipelined(plan, layers, units, homes, limits, budget)
-        if piped is not None and (_seconds(plan, [piped]), len(piped.transfers)) < (
-            _seconds(plan, parts),
-            sum(len(p.transfers) for p in parts),
-        ):
+        rounds = [rnd for part in parts for rnd in part.transfers]
+        beat = (_seconds(plan, rounds), len(rounds))
+        piped = _pipelined(plan, layers, units, homes, limits, budget, beat)
+        if piped is not None:
             parts = [piped]
     pool = max(part.staging for part in parts)
     before = [rnd for part in parts for rnd in part.before]
