@@ -159,10 +159,11 @@ def _windowed(
     return [build(w, i == 0) for i, w in enumerate(windows)]
 
 
-# Pipelining costs 20-30 us of CPU per transfer (2-core dev box). A plan that edits the placement (transfers to at
-# most this share of all slots, as `migration_aware`'s) saves 10-25% of its predicted transfer
-# time (DeepSeek-V3 after a popularity trade: 0.40 -> 0.30 s); a plan that re-places most slots
-# (from scratch) saves 10-13% at two to three times the planning time, so it keeps its windows.
+# Pipelining costs 20-30 us of CPU per transfer (2-core dev box). A plan that edits the
+# placement (transfers to at most this share of all slots, as `migration_aware`'s) saves 10-25%
+# of its predicted transfer time (DeepSeek-V3 after a popularity trade: 0.40 -> 0.30 s); a plan
+# that re-places most slots (from scratch) saves 10-13% at two to three times the planning
+# time, so it keeps its windows.
 PIPELINE_MAX_SHARE = 0.5
 
 
